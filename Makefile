@@ -1,0 +1,24 @@
+# The two commands of the README: `make repro` (whole pipeline) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: repro test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+repro: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+test: install
+	REPSURGERY_QUIET=1 $(BIN)/python -m pytest -q -n 2 --durations=10
+
+clean:
+	rm -rf data models features results

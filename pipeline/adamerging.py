@@ -1,0 +1,88 @@
+"""AdaMerging: merging coefficients learned by entropy minimisation on unlabeled test images.
+
+theta = theta_0 + sum_t lambda_t * tau_t, one lambda per task (task-wise) or per task and
+parameter tensor (layer-wise), clamped to [0, 1] in the forward pass. Gradients are
+accumulated task by task (one backward per task) so peak memory is that of one task's
+graph, unlike the reference, which keeps every task's graph alive until one backward.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch.func import functional_call
+
+from pipeline.checkpoints import StateDict
+from pipeline.heads import logits
+
+METHODS = ("tw_adamerging", "lw_adamerging")
+
+
+class MergeCoefficients(torch.nn.Module):
+    def __init__(self, pretrained: StateDict, vectors: list[StateDict], *, layer_wise: bool, init: float = 0.3):
+        super().__init__()
+        self.keys = sorted(vectors[0])
+        self.pretrained = pretrained
+        # stacked task vectors: one (T, *shape) tensor per parameter tensor
+        self.vectors = {k: torch.stack([tv[k] for tv in vectors]) for k in self.keys}
+        shape = (len(vectors), len(self.keys)) if layer_wise else (len(vectors), 1)
+        self.lambdas = torch.nn.Parameter(torch.full(shape, float(init)))
+
+    def merged(self) -> StateDict:
+        lam = self.lambdas.clamp(0, 1)
+        params = dict(self.pretrained)
+        for i, key in enumerate(self.keys):
+            coeff = lam[:, min(i, lam.shape[1] - 1)].view(-1, *[1] * (self.vectors[key].dim() - 1))
+            params[key] = self.pretrained[key] + (coeff * self.vectors[key]).sum(0)
+        return params
+
+    def to(self, *args, **kwargs):
+        super().to(*args, **kwargs)
+        self.pretrained = {k: v.to(*args, **kwargs) for k, v in self.pretrained.items()}
+        self.vectors = {k: v.to(*args, **kwargs) for k, v in self.vectors.items()}
+        return self
+
+    def clamped(self) -> torch.Tensor:
+        return self.lambdas.detach().clamp(0, 1).cpu()
+
+
+def entropy(logit: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of softmax(logits), mean over the batch."""
+    logp = logit.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def step(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch.Tensor],
+         batches: list[torch.Tensor]) -> float:
+    """One AdaMerging step's gradient, accumulated task by task; returns the summed loss."""
+    total = 0.0
+    for head, images in zip(heads, batches):
+        loss = entropy(logits(functional_call(encoder, coeffs.merged(), (images,)), head))
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def step_all_graphs(encoder, coeffs, heads, batches) -> float:
+    """The reference's step: every task's graph alive until one backward (for benchmarks)."""
+    loss = sum(entropy(logits(functional_call(encoder, coeffs.merged(), (x,)), h)) for h, x in zip(heads, batches))
+    loss.backward()
+    return loss.item()
+
+
+def learn(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch.Tensor],
+          streams: list[Iterator[torch.Tensor]], *, steps: int, lr: float,
+          device: torch.device, progress: Callable = lambda it: it) -> list[float]:
+    """Adam(lr, betas 0.9/0.999) on the coefficients; returns the loss curve."""
+    encoder = encoder.to(device).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    coeffs = coeffs.to(device)
+    heads = [h.to(device) for h in heads]
+    optimiser = torch.optim.Adam([coeffs.lambdas], lr=lr, betas=(0.9, 0.999))
+    curve = []
+    for _ in progress(range(steps)):
+        optimiser.zero_grad(set_to_none=True)
+        curve.append(step(encoder, coeffs, heads, [next(s).to(device, non_blocking=True) for s in streams]))
+        optimiser.step()
+    return curve

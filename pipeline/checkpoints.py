@@ -1,0 +1,74 @@
+"""Image-encoder state dicts on disk: safetensors with a content fingerprint.
+
+The fingerprint (a hash of every tensor's name, dtype, shape and bytes) ties feature
+stores to the exact weights that produced them.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from pipeline.errors import PipelineError
+
+StateDict = dict[str, torch.Tensor]
+
+
+def fingerprint(state: StateDict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def save_state(path: Path, state: StateDict, **metadata: str) -> str:
+    """Write atomically (temp name, then rename) and return the fingerprint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    fp = fingerprint(state)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"fingerprint": fp, **{k: str(v) for k, v in metadata.items()}})
+    tmp.replace(path)
+    return fp
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def load_state(path: Path, *, like: StateDict | None = None, hint: str = "") -> StateDict:
+    """Load a checkpoint; with `like`, insist on exactly the same tensor names and shapes."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"checkpoint {path} does not exist. {hint}".strip())
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise PipelineError(f"checkpoint {path} cannot be read ({exc}). {hint}".strip()) from exc
+    if like is not None:
+        check_compatible(state, like, where=str(path))
+    return state
+
+
+def check_compatible(state: StateDict, reference: StateDict, *, where: str) -> None:
+    missing = sorted(set(reference) - set(state))
+    extra = sorted(set(state) - set(reference))
+    if missing or extra:
+        raise PipelineError(
+            f"checkpoint {where} does not fit the architecture: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}. "
+            "Was it made for another model? Convert or re-create it for this architecture."
+        )
+    for name, tensor in reference.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise PipelineError(
+                f"checkpoint {where}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                f"the architecture needs {tuple(tensor.shape)}. Was it made for another model?"
+            )

@@ -1,0 +1,106 @@
+"""Image classification splits stored as Hugging Face publishes them.
+
+A task folder holds `task.json` (class names, templates) and `data/<split>-*.parquet` shards
+with columns `image` = {bytes, path} and `label`. Images are decoded with PIL, in dataset
+order, and a decode failure names the shard and row.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    classnames: list[str]
+    templates: list[str]
+
+
+def task_dir(root: Path, task: str) -> Path:
+    return Path(root) / task
+
+
+def task_info(root: Path, task: str) -> TaskInfo:
+    path = task_dir(root, task) / "task.json"
+    if not path.exists():
+        raise PipelineError(f"task {task!r}: no {path}. Is the task name right, and has the data stage run?")
+    meta = json.loads(path.read_text())
+    return TaskInfo(task, list(meta["classnames"]), list(meta["templates"]))
+
+
+def shards(root: Path, task: str, split: str) -> list[Path]:
+    files = sorted((task_dir(root, task) / "data").glob(f"{split}-*.parquet"))
+    if not files:
+        raise PipelineError(f"task {task!r}: no {split} shards under {task_dir(root, task) / 'data'}")
+    return files
+
+
+def labels(root: Path, task: str, split: str) -> np.ndarray:
+    return np.concatenate([pq.read_table(f, columns=["label"])["label"].to_numpy() for f in shards(root, task, split)])
+
+
+def dataset_fingerprint(root: Path, task: str, split: str) -> str:
+    """Hash of the shards' bytes: a feature store records which images it holds."""
+    digest = hashlib.sha256()
+    for f in shards(root, task, split):
+        digest.update(f.name.encode())
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A split's compressed image bytes held in memory, decoded and preprocessed on access.
+
+    Compressed bytes are small (the real test splits total a few GB), so random access for
+    shuffled training and AdaMerging needs no index files; decoding happens per item, in
+    DataLoader workers where there are cores for them.
+    """
+
+    def __init__(self, root: Path, task: str, split: str, transform: Callable | None = None):
+        self.images, self.origin, self.labels = [], [], []
+        for shard in shards(root, task, split):
+            table = pq.read_table(shard, columns=["image", "label"])
+            self.images += table.column("image").combine_chunks().field("bytes").to_pylist()
+            self.origin += [(shard, row) for row in range(table.num_rows)]
+            self.labels.append(table.column("label").to_numpy())
+        self.labels = np.concatenate(self.labels)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def decode(self, index: int) -> Image.Image:
+        try:
+            return Image.open(io.BytesIO(self.images[index])).convert("RGB")
+        except Exception as exc:
+            shard, row = self.origin[index]
+            raise PipelineError(f"cannot decode image at row {row} of {shard}: {exc}") from exc
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.decode(index)
+        return self.transform(image) if self.transform else image
+
+
+def loader(dataset: torch.utils.data.Dataset, batch_size: int, *, shuffle: bool = False,
+           seed: int = 0, workers: int | None = None) -> torch.utils.data.DataLoader:
+    """Batches in dataset order (or seeded shuffled order), decoded by worker processes."""
+    if workers is None:
+        workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if len(dataset) > 4096 else 0
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                       generator=generator, num_workers=workers)

@@ -1,0 +1,32 @@
+"""Top-1 accuracy through the zero-shot heads, and the representation bias of Eq. 1."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cache import mean_abs_diff
+from pipeline.heads import logits
+
+
+@torch.no_grad()
+def accuracy(features: torch.Tensor, head: torch.Tensor, labels: np.ndarray, batch: int = 8192) -> float:
+    """Top-1 accuracy in percent."""
+    labels = torch.as_tensor(labels)
+    correct = sum((logits(features[i:i + batch], head).argmax(1) == labels[i:i + batch]).sum().item()
+                  for i in range(0, len(features), batch))
+    return 100.0 * correct / len(features)
+
+
+def bias(merged, individual) -> float:
+    """Eq. 1: (1 / (k N)) * ||Z_merged - Z_individual||_1, streamed over the stores' chunks."""
+    return mean_abs_diff(merged, individual)
+
+
+def adapted(store, surgery, task: int):
+    """The store's features after a task's surgery, as a lazily mapped dask array."""
+
+    def block(z: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return surgery(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)), task).numpy()
+
+    return store.to_dask().astype(np.float32).map_blocks(block, dtype=np.float32)

@@ -1,0 +1,94 @@
+"""Representation Surgery: per-task adapters z_hat = z - W_up ReLU(W_down z).
+
+Trained only on cached features: the merged encoder's feature z and the task's individual
+encoder feature as a constant target, unlabeled test images, Adam. The tasks' adapters are
+independent, so all tasks are trained at once as one batched (T, ...) problem: Adam is
+elementwise, so one optimiser over the stacked weights equals one optimiser per task.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import PipelineError
+
+LOSSES = ("l1", "mse", "smooth_l1", "cosine")
+
+
+class Surgery(torch.nn.Module):
+    """T independent adapters, one per task; identity at initialisation (W_up = 0)."""
+
+    def __init__(self, n_tasks: int, dim: int, rank: int, seed: int = 0):
+        super().__init__()
+        if rank <= 0:
+            raise PipelineError(f"surgery.rank must be a positive integer, got {rank}")
+        generator = torch.Generator().manual_seed(seed)
+        # nn.Linear's default init (kaiming-uniform, a = sqrt(5)): bound 1 / sqrt(fan_in)
+        bound = 1.0 / math.sqrt(dim)
+        self.down = torch.nn.Parameter((torch.rand(n_tasks, rank, dim, generator=generator) * 2 - 1) * bound)
+        self.up = torch.nn.Parameter(torch.zeros(n_tasks, dim, rank))
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[1]
+
+    def forward(self, z: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """z: (T, B, d) for all tasks at once, or (B, d) with `task` given."""
+        if task is not None:
+            return z - F.relu(z @ self.down[task].T) @ self.up[task].T
+        return z - torch.bmm(F.relu(torch.bmm(z, self.down.transpose(1, 2))), self.up.transpose(1, 2))
+
+
+def loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Per-task loss over (T, B, d): mean over batch and dimension, summed over tasks."""
+    if name == "l1":
+        return lambda a, b: (a - b).abs().mean((1, 2)).sum()
+    if name == "mse":
+        return lambda a, b: (a - b).pow(2).mean((1, 2)).sum()
+    if name == "smooth_l1":
+        return lambda a, b: F.smooth_l1_loss(a, b, reduction="none").mean((1, 2)).sum()
+    if name == "cosine":
+        return lambda a, b: -F.cosine_similarity(a, b, dim=-1).mean(1).sum()
+    raise PipelineError(f"unknown surgery loss {name!r}: choose one of {', '.join(LOSSES)}")
+
+
+def batch_indices(sizes: list[int], batch_size: int, steps: int, seed: int) -> torch.Tensor:
+    """(steps, T, B) row indices: each task walks its own reshuffled epochs independently."""
+    generator = torch.Generator().manual_seed(seed)
+    out = torch.empty(steps, len(sizes), batch_size, dtype=torch.long)
+    for t, n in enumerate(sizes):
+        need = steps * batch_size
+        perms = [torch.randperm(n, generator=generator) for _ in range(math.ceil(need / n))]
+        out[:, t] = torch.cat(perms)[:need].view(steps, batch_size)
+    return out
+
+
+def train(merged: list[torch.Tensor], individual: list[torch.Tensor], *, rank: int, lr: float,
+          steps: int, batch_size: int, loss: str = "l1", seed: int = 0,
+          device: torch.device | str = "cpu", progress: Callable = lambda it: it,
+          on_step: Callable[[int, Surgery], None] | None = None) -> tuple[Surgery, list[float]]:
+    """Train all tasks' adapters on cached features (lists of (N_t, d) tensors, one per task)."""
+    if len(merged) != len(individual) or any(m.shape != i.shape for m, i in zip(merged, individual)):
+        raise PipelineError("merged and individual features must have the same shape for every task")
+    criterion = loss_fn(loss)
+    dim = merged[0].shape[1]
+    module = Surgery(len(merged), dim, rank, seed).to(device)
+    optimiser = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.999))
+    index = batch_indices([len(m) for m in merged], batch_size, steps, seed + 1).to(device)
+    merged = [m.to(device, torch.float32) for m in merged]
+    individual = [i.to(device, torch.float32) for i in individual]
+    curve = []
+    for step in progress(range(steps)):
+        z = torch.stack([m[index[step, t]] for t, m in enumerate(merged)])
+        target = torch.stack([i[index[step, t]] for t, i in enumerate(individual)])
+        value = criterion(module(z), target)
+        optimiser.zero_grad(set_to_none=True)
+        value.backward()
+        optimiser.step()
+        curve.append(value.item() / len(merged))
+        if on_step is not None:
+            on_step(step + 1, module)
+    return module.cpu(), curve
