@@ -1,0 +1,249 @@
+"""Eight procedurally generated image classification tasks, written as Hugging Face
+publishes image datasets (parquet shards with `image` = {bytes, path} and `label`).
+
+Every image is drawn at 64 px on a random background (solid, gradient or noise) with a
+little clutter, then downsampled and noised, so a small ViT can learn each task well but
+not trivially. Label spaces are disjoint: no class name appears in two tasks.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+
+CANVAS = 64
+COLOURS = {  # name -> RGB centre; the colours task jitters around these
+    "red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (240, 225, 40), "green": (40, 170, 50),
+    "cyan": (40, 215, 225), "blue": (35, 60, 215), "purple": (135, 45, 190), "pink": (250, 130, 190),
+    "brown": (120, 70, 30), "gray": (128, 128, 128),
+}
+DIRECTIONS = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0), "up left": (-1, -1),
+              "up right": (1, -1), "down left": (-1, 1), "down right": (1, 1)}
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+CELLS = ["top left", "top center", "top right", "middle left", "center", "middle right",
+         "bottom left", "bottom center", "bottom right"]
+
+TASKS = {
+    "digits": (NUMBER_WORDS, ["a photo of the digit {}.", "the number {} written on a picture.",
+                              "a picture of a handwritten {}."]),
+    "letters": ([f"letter {c}" for c in "abcdefghij"], ["a photo of the {}.", "the {} written in a picture.",
+                                                         "a picture showing a capital {}."]),
+    "shapes": (["circle", "square", "triangle", "star", "cross", "hexagon", "diamond", "crescent"],
+               ["a photo of a {}.", "a drawing of a {} shape.", "a {} on a background."]),
+    "colors": (list(COLOURS), ["a photo of something {} coloured.", "a {} blob.", "the colour {}."]),
+    "textures": (["horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "polka dots",
+                  "grid lines", "waves", "speckles"],
+                 ["a photo of a {} texture.", "a surface covered in {}.", "a pattern of {}."]),
+    "counts": (["one dot", "two dots", "three dots", "four dots", "five dots", "six dots", "seven dots",
+                "eight dots"], ["a picture with {}.", "a photo of {} on a background."]),
+    "arrows": (list(DIRECTIONS), ["an arrow pointing {}.", "a photo of an arrow that points {}."]),
+    "positions": (CELLS, ["an object in the {} of the picture.", "a photo with a mark at the {}."]),
+}
+TASK_NAMES = tuple(TASKS)
+
+
+def _check(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: the miniature world has {', '.join(TASK_NAMES)}")
+
+
+def classnames(task: str) -> list[str]:
+    _check(task)
+    return list(TASKS[task][0])
+
+
+def templates(task: str) -> list[str]:
+    _check(task)
+    return list(TASKS[task][1])
+
+
+def _colour(rng, avoid=None, min_dist=120) -> tuple[int, int, int]:
+    for _ in range(20):
+        c = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if avoid is None or np.abs(np.subtract(c, avoid)).sum() > min_dist:
+            return c
+    return tuple(255 - v for v in avoid)
+
+
+def _background(rng) -> tuple[np.ndarray, tuple[int, int, int]]:
+    kind = rng.integers(3)
+    base = np.array(_colour(rng), dtype=np.float32)
+    if kind == 0:
+        img = np.broadcast_to(base, (CANVAS, CANVAS, 3)).copy()
+    elif kind == 1:
+        other = np.array(_colour(rng), dtype=np.float32)
+        t = np.linspace(0, 1, CANVAS, dtype=np.float32)
+        ramp = t[None, :, None] if rng.random() < 0.5 else t[:, None, None]
+        img = base * (1 - ramp) + other * ramp + np.zeros((CANVAS, CANVAS, 1), np.float32)
+    else:
+        coarse = rng.normal(0, 40, (8, 8, 3)).astype(np.float32)
+        img = base + np.kron(coarse, np.ones((8, 8, 1), np.float32))
+    return np.clip(img, 0, 255), tuple(int(v) for v in base)
+
+
+def _clutter(draw: ImageDraw.ImageDraw, rng, n: int) -> None:
+    for _ in range(n):
+        x, y = rng.integers(0, CANVAS, 2)
+        dx, dy = rng.integers(-8, 9, 2)
+        draw.line([(x, y), (x + dx, y + dy)], fill=_colour(rng), width=1)
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
+    def ring(n, radius, offset=0.0):
+        return [(cx + radius * math.cos(rot + offset + 2 * math.pi * i / n),
+                 cy + radius * math.sin(rot + offset + 2 * math.pi * i / n)) for i in range(n)]
+    if kind == "square":
+        return ring(4, r, math.pi / 4)
+    if kind == "triangle":
+        return ring(3, r, -math.pi / 2)
+    if kind == "hexagon":
+        return ring(6, r)
+    if kind == "diamond":
+        pts = ring(4, r)
+        return [(cx + (x - cx) * 0.6, y) for x, y in pts]
+    if kind == "star":
+        outer, inner = ring(5, r, -math.pi / 2), ring(5, r * 0.42, -math.pi / 2 + math.pi / 5)
+        return [p for pair in zip(outer, inner) for p in pair]
+    if kind == "cross":
+        w = r * 0.38
+        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        c, s = math.cos(rot), math.sin(rot)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+    raise ValueError(kind)
+
+
+def _shape(draw, kind, cx, cy, r, rot, fill, bg):
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif kind == "crescent":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        off = r * 0.55
+        draw.ellipse([cx - r + off * math.cos(rot), cy - r + off * math.sin(rot),
+                      cx + r + off * math.cos(rot), cy + r + off * math.sin(rot)], fill=bg)
+    else:
+        draw.polygon(_polygon(kind, cx, cy, r, rot), fill=fill)
+
+
+def _arrow(draw, direction, cx, cy, length, fill, rng):
+    dx, dy = DIRECTIONS[direction]
+    norm = math.hypot(dx, dy)
+    ux, uy = dx / norm, dy / norm
+    px, py = -uy, ux
+    tail = (cx - ux * length / 2, cy - uy * length / 2)
+    tip = (cx + ux * length / 2, cy + uy * length / 2)
+    draw.line([tail, tip], fill=fill, width=int(rng.integers(3, 6)))
+    head = length * 0.4
+    draw.polygon([tip, (tip[0] - ux * head + px * head * 0.6, tip[1] - uy * head + py * head * 0.6),
+                  (tip[0] - ux * head - px * head * 0.6, tip[1] - uy * head - py * head * 0.6)], fill=fill)
+
+
+def _texture(label: int, rng) -> np.ndarray:
+    a, b = np.array(_colour(rng), np.float32), np.array(_colour(rng), np.float32)
+    if np.abs(a - b).sum() < 150:
+        b = 255 - a
+    y, x = np.mgrid[0:CANVAS, 0:CANVAS].astype(np.float32)
+    period = rng.uniform(6, 12)
+    phase = rng.uniform(0, period)
+    name = TASKS["textures"][0][label]
+    if name == "horizontal stripes":
+        mask = ((y + phase) % period) < period / 2
+    elif name == "vertical stripes":
+        mask = ((x + phase) % period) < period / 2
+    elif name == "diagonal stripes":
+        sign = 1 if rng.random() < 0.5 else -1
+        mask = ((x + sign * y + phase) % period) < period / 2
+    elif name == "checkerboard":
+        mask = (((x + phase) // (period / 2)) + ((y + phase) // (period / 2))) % 2 == 0
+    elif name == "polka dots":
+        mask = (((x + phase) % period - period / 2) ** 2 + ((y + phase) % period - period / 2) ** 2) < (period / 4) ** 2
+    elif name == "grid lines":
+        mask = (((x + phase) % period) < 1.5) | (((y + phase) % period) < 1.5)
+    elif name == "waves":
+        mask = ((y + 3 * np.sin(x / period * 2 * np.pi) + phase) % period) < period / 2
+    else:  # speckles
+        mask = rng.random((CANVAS, CANVAS)) < 0.25
+    return np.where(mask[..., None], a, b)
+
+
+def render(task: str, label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """One image of `task` with class `label`, as uint8 (size, size, 3)."""
+    _check(task)
+    names = TASKS[task][0]
+    if not 0 <= label < len(names):
+        raise ValueError(f"label {label} out of range for task {task!r} ({len(names)} classes)")
+    if task == "textures":
+        canvas, bg = _texture(label, rng), (0, 0, 0)
+    else:
+        canvas, bg = _background(rng)
+    img = Image.fromarray(canvas.astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    _clutter(draw, rng, int(rng.integers(1, 4)))
+    fg = _colour(rng, avoid=bg, min_dist=200)
+    jx, jy = rng.uniform(-6, 6, 2)
+    cx, cy = CANVAS / 2 + jx, CANVAS / 2 + jy
+    if task in ("digits", "letters"):
+        glyph = str(label) if task == "digits" else "ABCDEFGHIJ"[label]
+        font = ImageFont.load_default(size=int(rng.integers(34, 46)))
+        draw.text((cx, cy), glyph, fill=fg, font=font, anchor="mm")
+    elif task == "shapes":
+        _shape(draw, names[label], cx, cy, rng.uniform(14, 22), rng.uniform(0, 2 * math.pi), fg, bg)
+    elif task == "colors":
+        rgb = np.clip(np.array(COLOURS[names[label]]) + rng.integers(-18, 19, 3), 0, 255)
+        r = rng.uniform(14, 22)
+        draw.ellipse([cx - r, cy - r * rng.uniform(0.6, 1.0), cx + r, cy + r], fill=tuple(int(v) for v in rgb))
+    elif task == "counts":
+        placed = []
+        while len(placed) < label + 1:
+            p = rng.uniform(7, CANVAS - 7, 2)
+            if all(np.hypot(*(p - q)) > 11 for q in placed):
+                placed.append(p)
+        for x, y in placed:
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=fg)
+    elif task == "arrows":
+        _arrow(draw, names[label], cx, cy, rng.uniform(30, 44), fg, rng)
+    elif task == "positions":
+        row, col = divmod(label, 3)
+        px = (col + 0.5) * CANVAS / 3 + rng.uniform(-4, 4)
+        py = (row + 0.5) * CANVAS / 3 + rng.uniform(-4, 4)
+        _shape(draw, ["circle", "square", "triangle", "star"][int(rng.integers(4))], px, py, rng.uniform(6, 9),
+               rng.uniform(0, 2 * math.pi), fg, bg)
+    small = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+    return np.clip(small + rng.normal(0, 8, small.shape), 0, 255).astype(np.uint8)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _write_split(path: Path, task: str, split: str, n: int, size: int, seed: int) -> None:
+    index = TASK_NAMES.index(task)
+    rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
+    labels = rng.permutation(np.arange(n) % len(TASKS[task][0]))
+    images = [{"bytes": _png(render(task, int(y), rng, size)), "path": f"{split}/{i:06d}.png"}
+              for i, y in enumerate(labels)]
+    table = pa.table({"image": pa.array(images, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                      "label": pa.array(labels, type=pa.int64())})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def write_task(root: Path, task: str, *, n_train: int, n_test: int, size: int = 32, seed: int = 0) -> Path:
+    """Write one task's train and test shards and its task.json under root/task."""
+    _check(task)
+    out = Path(root) / task
+    for split, n in (("train", n_train), ("test", n_test)):
+        _write_split(out / "data" / f"{split}-00000-of-00001.parquet", task, split, n, size, seed)
+    meta = {"name": task, "classnames": classnames(task), "templates": templates(task), "image_size": size,
+            "n_train": n_train, "n_test": n_test, "seed": seed}
+    (out / "task.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return out

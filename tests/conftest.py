@@ -1,0 +1,86 @@
+"""A tiny miniature world, built once per test session by the real `dvc repro`."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "tasks": ["digits", "colors", "positions"],
+    "world": {"seed": 0, "image_size": 32, "n_train": 384, "n_test": 80},
+    "model": {"embed_dim": 32, "vision": {"width": 32, "layers": 1, "heads": 2, "patch_size": 8},
+              "text": {"width": 32, "layers": 1, "heads": 2, "context_length": 16}},
+    "pretrain": {"steps": 40, "batch_size": 64, "lr": 0.002, "weight_decay": 0.1, "coverage": {"default": 0.8}},
+    "finetune": {"steps": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 0.1, "warmup": 2},
+    "merge": {"weight_averaging": {}, "task_arithmetic": {"scaling": 0.3},
+              "ties_merging": {"k": 20, "scaling": 0.3, "merge": "sum"}},
+    "adamerging": {m: {"init": 0.3, "lr": 0.001, "steps": 3, "batch_size": 8, "batches_per_task": 2, "seed": 0}
+                   for m in ("tw_adamerging", "lw_adamerging")},
+    "extract": {"batch_size": 32, "dtype": "float32", "autocast": "none"},
+    "surgery": {"rank": 4, "lr": 0.001, "steps": 60, "batch_size": 16, "loss": "l1", "seed": 0},
+}
+
+
+def env() -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "REPSURGERY_QUIET": "1",
+            "DVC_NO_ANALYTICS": "1", "REPSURGERY_DEVICE": "cpu"}
+
+
+def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def make_project(path: Path, params: dict) -> Path:
+    """A git + DVC repo with this project's dvc.yaml and the given params."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("pipeline", "stages", "cache"):
+        (path / name).symlink_to(ROOT / name)
+    shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (path / ".gitignore").write_text("/data\n/models\n/features\n/results\n")
+    run(["git", "init", "-q"], path)
+    run(["git", "config", "user.email", "t@t"], path)
+    run(["git", "config", "user.name", "t"], path)
+    run([str(BIN / "dvc"), "init", "-q"], path)
+    run([str(BIN / "dvc"), "config", "core.analytics", "false"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "init"], path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    """The tiny world after a full `dvc repro` (every stage, real code path)."""
+    project = make_project(tmp_path_factory.mktemp("tiny") / "project", TINY)
+    run([str(BIN / "dvc"), "repro", "-q"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "repro"], project)
+    return project
+
+
+def cli(project: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+    return run([str(BIN / "repsurgery"), *args], project, check=check)
+
+
+def params_with(project: Path, out: Path, **changes) -> Path:
+    """A copy of the project's params with dotted keys changed (`surgery__rank=0`)."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    out.write_text(yaml.safe_dump(params, sort_keys=False))
+    return out
