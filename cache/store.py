@@ -7,6 +7,7 @@ so a killed writer resumes where it stopped. Readers verify before they trust.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,11 @@ from zarr.codecs import BloscCodec
 
 CODE_VERSION = "1"
 DTYPES = ("float32", "float16")
+# Attributes the writer maintains itself; everything else describes what the store was made from.
+_PROGRESS_KEYS = ("rows_written", "complete", "sha256")
+# Zarr 3 skips chunks equal to the fill value by default, which would make an all-zero chunk
+# indistinguishable from a missing one; every chunk must exist on disk.
+_ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
 class StoreError(Exception):
@@ -36,33 +42,45 @@ class StoreMismatchError(StoreError):
     pass
 
 
-def _partial(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
 
 
 def _fix(hint: str) -> str:
     return f" Fix: {hint}." if hint else ""
 
 
+def _json(value):
+    """Compare values as they will read back from the store (tuples become lists, etc.)."""
+    return json.loads(json.dumps(value))
+
+
 class StoreWriter:
+    """Appends chunk-aligned blocks of rows to `<path>.partial`, then publishes it as `<path>`."""
+
     def __init__(self, path: Path, group: zarr.Group, fix_hint: str):
         self.path, self.group, self.fix_hint = path, group, fix_hint
-        self.array = group["features"]
-        self.n_rows, self.chunk_rows = self.array.shape[0], self.array.chunks[0]
+        self.array = group["features"].with_config(_ARRAY_CONFIG)
+        self.n_rows, self.dim = self.array.shape
+        self.chunk_rows = self.array.chunks[0]
 
     @property
     def rows_written(self) -> int:
         return int(self.group.attrs["rows_written"])
 
     def write(self, start: int, block: np.ndarray) -> None:
-        if start != self.rows_written:
-            raise ValueError(f"{self.path}: write at row {start}, but the store holds {self.rows_written} rows; "
+        done = self.rows_written
+        if start != done:
+            raise ValueError(f"{self.path}: write at row {start}, but the store holds {done} rows; "
                              "rows are appended in order")
+        block = np.asarray(block)
+        if block.ndim != 2 or block.shape[1] != self.dim or len(block) == 0:
+            raise ValueError(f"{self.path}: expected a block of shape (m >= 1, {self.dim}), got {block.shape}")
         stop = start + len(block)
         if stop > self.n_rows or (stop % self.chunk_rows and stop != self.n_rows):
             raise ValueError(f"{self.path}: block ends at row {stop}, not on a chunk boundary "
                              f"(chunk rows {self.chunk_rows}, total {self.n_rows})")
-        self.array[start:stop] = np.asarray(block, dtype=self.array.dtype)
+        self.array[start:stop] = block.astype(self.array.dtype, copy=False)
         self.group.attrs["rows_written"] = stop  # only after the rows are on disk
 
     def finalize(self) -> Path:
@@ -70,8 +88,10 @@ class StoreWriter:
             raise IncompleteStoreError(f"{self.path}: only {self.rows_written} of {self.n_rows} rows written; "
                                        f"not finalised.{_fix(self.fix_hint)}")
         self.group.attrs.update({"sha256": _checksum(self.array), "complete": True})
-        partial = _partial(self.path)
-        old = self.path.with_name(self.path.name + ".old")
+        partial, old = _sibling(self.path, ".partial"), _sibling(self.path, ".old")
+        for junk in partial.rglob("*.partial"):  # temp files of zarr writes cut short by a kill
+            junk.unlink()
+        shutil.rmtree(old, ignore_errors=True)
         if self.path.exists():
             os.replace(self.path, old)
         os.replace(partial, self.path)
@@ -89,28 +109,33 @@ def _checksum(array) -> str:
 
 def open_writer(path, *, n_rows: int, dim: int, dtype: str = "float32", chunk_rows: int = 256,
                 attrs: dict | None = None, fix_hint: str = "") -> StoreWriter:
-    """A writer into `<path>.partial`, resuming a previous identical partial if there is one."""
+    """A writer into `<path>.partial`, resuming a previous partial only if it was begun with the same spec."""
     path = Path(path)
     if dtype not in DTYPES:
         raise ValueError(f"feature store dtype must be one of {DTYPES}, got {dtype!r}")
-    if min(n_rows, dim, chunk_rows) < 1:
-        raise ValueError(f"n_rows, dim and chunk_rows must be >= 1, got {n_rows}, {dim}, {chunk_rows}")
-    layout = {"n_rows": n_rows, "dim": dim, "dtype": dtype, "chunk_rows": chunk_rows,
-              "code_version": CODE_VERSION, **(attrs or {})}
-    partial = _partial(path)
+    for name, value in (("n_rows", n_rows), ("dim", dim), ("chunk_rows", chunk_rows)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    clash = set(attrs or {}) & {"n_rows", "dim", "dtype", "chunk_rows", "code_version", *_PROGRESS_KEYS}
+    if clash:
+        raise ValueError(f"attrs may not set the store's own keys {sorted(clash)}")
+    layout = _json({"n_rows": int(n_rows), "dim": int(dim), "dtype": dtype, "chunk_rows": int(chunk_rows),
+                    "code_version": CODE_VERSION, **(attrs or {})})
+    partial = _sibling(path, ".partial")
     if partial.exists():
         try:
-            group = zarr.open_group(str(partial), mode="r+")
-            stored = dict(group.attrs)
-            if {k: stored.get(k) for k in layout} == layout and "features" in group:
+            group = zarr.open_group(partial, mode="r+")
+            spec = {k: v for k, v in group.attrs.items() if k not in _PROGRESS_KEYS}
+            if spec == layout and group["features"].shape == (n_rows, dim):
                 return StoreWriter(path, group, fix_hint)
         except Exception:
             pass  # unreadable partial: start again
         shutil.rmtree(partial)
     path.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(partial), mode="w")
+    group = zarr.open_group(partial, mode="w")
     group.create_array("features", shape=(n_rows, dim), chunks=(chunk_rows, dim), dtype=dtype,
-                       compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=0)
+                       compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=0,
+                       config=_ARRAY_CONFIG)
     group.attrs.update({**layout, "rows_written": 0, "complete": False})
     return StoreWriter(path, group, fix_hint)
 
@@ -131,6 +156,9 @@ class FeatureStore:
     def __len__(self) -> int:
         return self.n_rows
 
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, shape=({self.n_rows}, {self.dim}), dtype={self.dtype})"
+
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return np.asarray(self.array[start:stop], dtype=np.float32)
 
@@ -142,42 +170,52 @@ class FeatureStore:
 
 
 def open_store(path, *, expect: dict | None = None, fix_hint: str = "", deep: bool = False) -> FeatureStore:
-    """Open a finished store, refusing anything incomplete, damaged or made from other inputs."""
+    """Open a finished store, refusing anything incomplete, damaged or made from other inputs.
+
+    The default checks are cheap (metadata and a listing); `deep=True` also rereads every chunk
+    against the checksum recorded at write time, which catches truncated or corrupted files.
+    """
     path = Path(path)
     if not path.exists():
-        partial = _partial(path)
+        partial = _sibling(path, ".partial")
         if partial.exists():
             try:
-                attrs = dict(zarr.open_group(str(partial), mode="r").attrs)
+                attrs = dict(zarr.open_group(partial, mode="r").attrs)
                 done = f"after {attrs.get('rows_written', '?')} of {attrs.get('n_rows', '?')} rows"
             except Exception:
                 done = "before any rows were recorded"
-            raise MissingStoreError(f"feature store {path} is incomplete: its extraction was interrupted {done} "
-                                    f"(see {partial.name}); re-running it resumes.{_fix(fix_hint)}")
+            raise MissingStoreError(f"feature store {path} does not exist: its extraction was interrupted {done} "
+                                    f"(see {partial.name}); re-run it to resume.{_fix(fix_hint)}")
         raise MissingStoreError(f"feature store {path} does not exist.{_fix(fix_hint)}")
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(path, mode="r")
         attrs = dict(group.attrs)
+    except Exception as exc:
+        raise StoreError(f"{path} is not a readable feature store ({exc}); delete it and recreate it."
+                         f"{_fix(fix_hint)}") from exc
+    if "n_rows" not in attrs or "dim" not in attrs:
+        raise StoreError(f"{path} is not a feature store of this project (no store metadata); delete it and "
+                         f"recreate it.{_fix(fix_hint)}")
+    try:
         array = group["features"]
     except Exception as exc:
-        raise StoreError(f"{path} is not a readable feature store ({exc}).{_fix(fix_hint)}") from exc
-    if "n_rows" not in attrs:
-        raise StoreError(f"{path} is not a feature store of this project (no metadata).{_fix(fix_hint)}")
+        raise IncompleteStoreError(f"feature store {path} has no readable `features` array ({exc})."
+                                   f"{_fix(fix_hint)}") from exc
     if attrs.get("complete") is not True or array.shape != (attrs["n_rows"], attrs["dim"]):
         raise IncompleteStoreError(f"feature store {path} is incomplete (complete={attrs.get('complete')}, "
-                                   f"shape {array.shape}).{_fix(fix_hint)}")
-    n_chunks = -(-attrs["n_rows"] // array.chunks[0])
-    if array.nchunks_initialized < n_chunks:
-        raise IncompleteStoreError(f"feature store {path} is truncated: {array.nchunks_initialized} of {n_chunks} "
-                                   f"chunks on disk.{_fix(fix_hint)}")
+                                   f"shape {array.shape}, expected ({attrs['n_rows']}, {attrs['dim']}))."
+                                   f"{_fix(fix_hint)}")
+    if array.nchunks_initialized < array.nchunks:
+        raise IncompleteStoreError(f"feature store {path} is truncated: only {array.nchunks_initialized} of "
+                                   f"{array.nchunks} chunks are on disk.{_fix(fix_hint)}")
     for key, value in (expect or {}).items():
-        if attrs.get(key) != value:
+        if attrs.get(key) != _json(value):
             raise StoreMismatchError(f"feature store {path} was made from other inputs: {key} is "
                                      f"{attrs.get(key)!r}, expected {value!r}.{_fix(fix_hint)}")
     if deep:
         try:
             ok = _checksum(array) == attrs.get("sha256")
-        except Exception:
+        except Exception:  # a chunk that no longer decodes
             ok = False
         if not ok:
             raise IncompleteStoreError(f"feature store {path} is damaged: its data no longer match the checksum "
@@ -185,16 +223,23 @@ def open_store(path, *, expect: dict | None = None, fix_hint: str = "", deep: bo
     return FeatureStore(path, group)
 
 
-def _as_dask(x) -> da.Array:
+def _as_dask(x, like: da.Array | None = None) -> da.Array:
     if isinstance(x, FeatureStore):
         return x.to_dask()
-    return x if isinstance(x, da.Array) else da.from_array(np.asarray(x), chunks=(4096, -1))
+    if isinstance(x, da.Array):
+        return x
+    x = np.asarray(x)
+    return da.from_array(x, chunks=like.chunks if like is not None and like.shape == x.shape else "auto")
 
 
 def mean_abs_diff(a, b) -> float:
-    """mean(|a - b|) over all elements, streamed chunk by chunk, accumulated in float64."""
-    a, b = _as_dask(a), _as_dask(b)
+    """mean(|a - b|) over all elements, streamed chunk by chunk, accumulated in float64.
+
+    In-memory inputs are chunked like the other (stored) operand so blocks line up without rechunking.
+    """
+    lazy = [x for x in (a, b) if isinstance(x, (FeatureStore, da.Array))]
+    like = _as_dask(lazy[0]) if lazy else None
+    a, b = _as_dask(a, like), _as_dask(b, like)
     if a.shape != b.shape:
         raise ValueError(f"cannot compare features of shape {a.shape} and {b.shape}")
-    b = b.rechunk(a.chunks)
     return float(abs(a.astype(np.float64) - b.astype(np.float64)).mean().compute())
