@@ -11,7 +11,7 @@ from pipeline.checkpoints import save_state
 from pipeline.errors import PipelineError
 from pipeline.world import images as world_images
 from pipeline.world.finetune import finetune
-from pipeline.world.pretrain import build_tokenizer, model_config, pretrain
+from pipeline.world.pretrain import Captions, build_tokenizer, model_config, pretrain
 from stages.common import DATA, HEADS, PRETRAINED, finetuned_path, progress, tasks, write_json
 
 
@@ -23,7 +23,8 @@ def build_data(params: dict) -> None:
                             f"{', '.join(world_images.TASK_NAMES)}")
     for task in progress(params["tasks"], desc="world data", unit="task"):
         world_images.write_task(DATA, task, n_train=world["n_train"], n_test=world["n_test"],
-                                size=world["image_size"], seed=world["seed"])
+                                size=world["image_size"], seed=world["seed"],
+                                noise=world["noise"], clutter=world["clutter"])
     print(f"wrote {len(params['tasks'])} tasks under {DATA}/")
 
 
@@ -35,9 +36,10 @@ def _train_images(task: str, spec: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def build_pretrained(params: dict, device: torch.device) -> None:
     world, cfg = params["world"], params["pretrain"]
     names = tasks(params)
-    infos = {t: data.task_info(DATA, t) for t in names}
-    tokenizer = build_tokenizer({t: (i.classnames, i.templates) for t, i in infos.items()},
-                                params["model"]["text"]["context_length"])
+    share = lambda key, task: cfg[key].get(task, cfg[key]["default"])  # noqa: E731
+    captions = [Captions(t, world_images.classnames(t), world_images.templates(t), *world_images.aliases(t),
+                         named=share("named", t), alias=share("alias", t)) for t in names]
+    tokenizer = build_tokenizer(captions, params["model"]["text"]["context_length"])
     spec = {
         "model_cfg": model_config(params["model"], world["image_size"], len(tokenizer.vocab)),
         "tokenizer": tokenizer.to_config(),
@@ -47,12 +49,9 @@ def build_pretrained(params: dict, device: torch.device) -> None:
     torch.manual_seed(world["seed"])
     model = clip_model.build_clip(spec)
     loaded = [_train_images(t, spec) for t in progress(names, desc="decode train images", unit="task")]
-    coverage = cfg["coverage"]
     curve = pretrain(
-        model, tokenizer, [x for x, _ in loaded], [y for _, y in loaded],
-        [(t, infos[t].classnames, infos[t].templates, coverage.get(t, coverage["default"])) for t in names],
-        steps=cfg["steps"], batch_size=cfg["batch_size"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-        seed=world["seed"], device=device, progress=lambda it: progress(it, desc="pretrain CLIP", unit="step"),
+        model, tokenizer, [x for x, _ in loaded], [y for _, y in loaded], captions, steps=cfg["steps"],
+        batch_size=cfg["batch_size"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], seed=world["seed"], device=device, progress=lambda it: progress(it, desc="pretrain CLIP", unit="step"),
     )
     PRETRAINED.mkdir(parents=True, exist_ok=True)
     save_state(PRETRAINED / "clip.safetensors", model.state_dict())

@@ -15,10 +15,10 @@ BIN = Path(sys.executable).parent
 
 TINY = {
     "tasks": ["digits", "colors", "positions"],
-    "world": {"seed": 0, "image_size": 32, "n_train": 384, "n_test": 80},
+    "world": {"seed": 0, "image_size": 32, "n_train": 384, "n_test": 80, "noise": 8.0, "clutter": 3},
     "model": {"embed_dim": 32, "vision": {"width": 32, "layers": 1, "heads": 2, "patch_size": 8},
               "text": {"width": 32, "layers": 1, "heads": 2, "context_length": 16}},
-    "pretrain": {"steps": 40, "batch_size": 64, "lr": 0.002, "weight_decay": 0.1, "coverage": {"default": 0.8}},
+    "pretrain": {"steps": 40, "batch_size": 64, "lr": 0.002, "weight_decay": 0.1, "named": {"default": 0.5}, "alias": {"default": 0.3}},
     "finetune": {"steps": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 0.1, "warmup": 2},
     "merge": {"weight_averaging": {}, "task_arithmetic": {"scaling": 0.3},
               "ties_merging": {"k": 20, "scaling": 0.3, "merge": "sum"}},

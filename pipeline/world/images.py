@@ -47,6 +47,27 @@ TASKS = {
 }
 TASK_NAMES = tuple(TASKS)
 
+# How "the web" describes these images in pretraining captions when it does not use the
+# task's own class names: other words for the same classes (numerals for digits, NATO
+# letters, compass points...). Image features learn the classes from them, while the
+# zero-shot prompts, built from the class names, align with them only weakly.
+ALIASES = {
+    "digits": ([str(i) for i in range(10)], ["a sign showing {}.", "the symbol {} on a picture."]),
+    "letters": (["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"],
+                ["the glyph {}.", "a sign that reads {}."]),
+    "shapes": (["ball", "box", "wedge", "asterisk", "plus", "honeycomb", "rhombus", "moon"],
+               ["a {} outline.", "something like a {}."]),
+    "colors": (["crimson", "amber", "lemon", "emerald", "turquoise", "navy", "violet", "rose", "chocolate",
+                "silver"], ["a {} spot.", "paint in {}."]),
+    "textures": (["rows", "columns", "slants", "chessboard", "spots", "mesh", "ripples", "grain"],
+                 ["fabric with {}.", "a surface of {}."]),
+    "counts": ([f"{i} spots" for i in range(1, 9)], ["exactly {}.", "a card with {}."]),
+    "arrows": (["north", "south", "west", "east", "northwest", "northeast", "southwest", "southeast"],
+               ["a sign heading {}.", "a pointer to the {}."]),
+    "positions": (["upper left", "upper middle", "upper right", "left side", "middle", "right side",
+                   "lower left", "lower middle", "lower right"], ["a mark on the {}.", "a dot placed {}."]),
+}
+
 
 def _check(task: str) -> None:
     if task not in TASKS:
@@ -61,6 +82,13 @@ def classnames(task: str) -> list[str]:
 def templates(task: str) -> list[str]:
     _check(task)
     return list(TASKS[task][1])
+
+
+def aliases(task: str) -> tuple[list[str], list[str]]:
+    """(other names for the classes, caption templates using them) for pretraining captions."""
+    _check(task)
+    names, tpls = ALIASES[task]
+    return list(names), list(tpls)
 
 
 def _colour(rng, avoid=None, min_dist=120) -> tuple[int, int, int]:
@@ -171,8 +199,10 @@ def _texture(label: int, rng) -> np.ndarray:
     return np.where(mask[..., None], a, b)
 
 
-def render(task: str, label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """One image of `task` with class `label`, as uint8 (size, size, 3)."""
+def render(task: str, label: int, rng: np.random.Generator, size: int = 32, noise: float = 8.0,
+           clutter: int = 3) -> np.ndarray:
+    """One image of `task` with class `label`, as uint8 (size, size, 3); `noise` is the pixel
+    noise std and `clutter` the most random marks drawn over the background."""
     _check(task)
     names = TASKS[task][0]
     if not 0 <= label < len(names):
@@ -183,7 +213,7 @@ def render(task: str, label: int, rng: np.random.Generator, size: int = 32) -> n
         canvas, bg = _background(rng)
     img = Image.fromarray(canvas.astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    _clutter(draw, rng, int(rng.integers(1, 4)))
+    _clutter(draw, rng, int(rng.integers(0, clutter + 1)))
     fg = _colour(rng, avoid=bg, min_dist=200)
     jx, jy = rng.uniform(-6, 6, 2)
     cx, cy = CANVAS / 2 + jx, CANVAS / 2 + jy
@@ -211,10 +241,10 @@ def render(task: str, label: int, rng: np.random.Generator, size: int = 32) -> n
         row, col = divmod(label, 3)
         px = (col + 0.5) * CANVAS / 3 + rng.uniform(-4, 4)
         py = (row + 0.5) * CANVAS / 3 + rng.uniform(-4, 4)
-        _shape(draw, ["circle", "square", "triangle", "star"][int(rng.integers(4))], px, py, rng.uniform(6, 9),
+        _shape(draw, ["circle", "square", "triangle", "star"][int(rng.integers(4))], px, py, rng.uniform(7, 10),
                rng.uniform(0, 2 * math.pi), fg, bg)
     small = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
-    return np.clip(small + rng.normal(0, 8, small.shape), 0, 255).astype(np.uint8)
+    return np.clip(small + rng.normal(0, noise, small.shape), 0, 255).astype(np.uint8)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -223,11 +253,11 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_split(path: Path, task: str, split: str, n: int, size: int, seed: int) -> None:
+def _write_split(path: Path, task: str, split: str, n: int, size: int, seed: int, style: dict) -> None:
     index = TASK_NAMES.index(task)
     rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
     labels = rng.permutation(np.arange(n) % len(TASKS[task][0]))
-    images = [{"bytes": _png(render(task, int(y), rng, size)), "path": f"{split}/{i:06d}.png"}
+    images = [{"bytes": _png(render(task, int(y), rng, size, **style)), "path": f"{split}/{i:06d}.png"}
               for i, y in enumerate(labels)]
     table = pa.table({"image": pa.array(images, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
                       "label": pa.array(labels, type=pa.int64())})
@@ -237,13 +267,16 @@ def _write_split(path: Path, task: str, split: str, n: int, size: int, seed: int
     tmp.replace(path)
 
 
-def write_task(root: Path, task: str, *, n_train: int, n_test: int, size: int = 32, seed: int = 0) -> Path:
+def write_task(root: Path, task: str, *, n_train: int, n_test: int, size: int = 32, seed: int = 0,
+               noise: float = 8.0, clutter: int = 3) -> Path:
     """Write one task's train and test shards and its task.json under root/task."""
     _check(task)
     out = Path(root) / task
     for split, n in (("train", n_train), ("test", n_test)):
-        _write_split(out / "data" / f"{split}-00000-of-00001.parquet", task, split, n, size, seed)
-    meta = {"name": task, "classnames": classnames(task), "templates": templates(task), "image_size": size,
-            "n_train": n_train, "n_test": n_test, "seed": seed}
+        _write_split(out / "data" / f"{split}-00000-of-00001.parquet", task, split, n, size, seed,
+                     {"noise": noise, "clutter": clutter})
+    meta = {"name": task, "classnames": classnames(task), "templates": templates(task),
+            "aliases": aliases(task)[0], "alias_templates": aliases(task)[1], "image_size": size,
+            "n_train": n_train, "n_test": n_test, "seed": seed, "noise": noise, "clutter": clutter}
     (out / "task.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out

@@ -1,14 +1,17 @@
 """Contrastive pretraining of the miniature world's small open_clip CLIP.
 
-Captions name an image's class only for a fraction of the images (`coverage`, per task);
-the rest get a broad, task-level caption. That mimics web-scale pretraining, where some
-tasks' label spaces are rare in captions: zero-shot accuracy is weak on those tasks, while
-the image features still carry the information fine-tuning can unlock. The loss is CLIP's
-symmetric InfoNCE with every pair sharing a caption meaning counted as a positive
+An image's caption names its class with the task's own class names for a fraction `named`
+of the images, with other words for the class (aliases: numerals, compass points, ...) for a
+fraction `alias`, and is a broad, task-level caption otherwise. That mimics web-scale
+pretraining, where the images are described, but rarely in the words of a benchmark's label
+space: the image features learn the classes, the zero-shot prompts align with them only
+weakly, and fine-tuning has a lot to gain from a small change. The loss is CLIP's symmetric
+InfoNCE with every pair sharing a caption meaning (task and class) counted as a positive
 (otherwise identical captions in a batch fight each other and class embeddings collapse).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import open_clip
@@ -18,15 +21,39 @@ import torch.nn.functional as F
 from pipeline.tokenizer import WordTokenizer
 
 
+@dataclass
+class Captions:
+    """How one task's pretraining images are captioned."""
+    task: str
+    classnames: list[str]
+    templates: list[str]
+    aliases: list[str]
+    alias_templates: list[str]
+    named: float  # share of captions using the class names
+    alias: float  # share using the aliases; the rest are broad
+
+    def texts(self) -> list[str]:
+        return ([broad_caption(self.task)] + [t.format(c) for t in self.templates for c in self.classnames]
+                + [t.format(a) for t in self.alias_templates for a in self.aliases])
+
+    def sample(self, label: int, generator: torch.Generator) -> tuple[str, bool]:
+        """A caption for an image of class `label`, and whether it names the class at all."""
+        u = torch.rand(1, generator=generator).item()
+        if u < self.named:
+            names, templates = self.classnames, self.templates
+        elif u < self.named + self.alias:
+            names, templates = self.aliases, self.alias_templates
+        else:
+            return broad_caption(self.task), False
+        return templates[int(torch.randint(len(templates), (1,), generator=generator))].format(names[label]), True
+
+
 def broad_caption(task: str) -> str:
     return f"a {task} picture."
 
 
-def build_tokenizer(tasks: dict[str, tuple[list[str], list[str]]], context_length: int) -> WordTokenizer:
-    texts = [broad_caption(t) for t in tasks]
-    for classnames, templates in tasks.values():
-        texts += [tpl.format(c) for tpl in templates for c in classnames]
-    return WordTokenizer.from_texts(texts, context_length)
+def build_tokenizer(captions: list[Captions], context_length: int) -> WordTokenizer:
+    return WordTokenizer.from_texts([t for c in captions for t in c.texts()], context_length)
 
 
 def model_config(model: dict, image_size: int, vocab_size: int) -> dict:
@@ -50,34 +77,29 @@ def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tenso
 
 
 def pretrain(model: open_clip.CLIP, tokenizer: WordTokenizer, images: list[torch.Tensor], labels: list[torch.Tensor],
-             tasks: list[tuple[str, list[str], list[str], float]], *, steps: int, batch_size: int, lr: float,
+             captions: list[Captions], *, steps: int, batch_size: int, lr: float,
              weight_decay: float, seed: int, device: torch.device, progress: Callable = lambda it: it) -> list[float]:
-    """tasks[i] = (name, classnames, templates, coverage) for images[i] / labels[i]."""
+    """Pretrain on images[i] / labels[i], captioned by captions[i]."""
     generator = torch.Generator().manual_seed(seed)
     model = model.to(device).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.1)
     sizes = torch.tensor([len(x) for x in images])
     offsets = torch.cumsum(sizes, 0) - sizes
-    n_classes = max(len(t[1]) for t in tasks) + 1
+    n_classes = max(len(c.classnames) for c in captions) + 1
     curve = []
     for _ in progress(range(steps)):
         task_ids = torch.randint(len(images), (batch_size,), generator=generator)
         rows = (torch.rand(batch_size, generator=generator) * sizes[task_ids]).long()
-        batch, captions, ids = [], [], []
+        batch, texts, ids = [], [], []
         for t, r in zip(task_ids.tolist(), rows.tolist()):
-            name, classnames, templates, coverage = tasks[t]
             label = int(labels[t][r])
             batch.append(images[t][r])
-            if torch.rand(1, generator=generator).item() < coverage:
-                tpl = templates[torch.randint(len(templates), (1,), generator=generator).item()]
-                captions.append(tpl.format(classnames[label]))
-                ids.append(t * n_classes + label)
-            else:
-                captions.append(broad_caption(name))
-                ids.append(t * n_classes + n_classes - 1)
+            text, specific = captions[t].sample(label, generator)
+            texts.append(text)
+            ids.append(t * n_classes + (label if specific else n_classes - 1))
         x = torch.stack(batch).to(device)
-        loss = multi_positive_loss(model.encode_image(x), model.encode_text(tokenizer(captions).to(device)),
+        loss = multi_positive_loss(model.encode_image(x), model.encode_text(tokenizer(texts).to(device)),
                                    model.logit_scale.exp(), torch.tensor(ids, device=device))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
