@@ -18,7 +18,7 @@ repro: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: install
-	REPSURGERY_QUIET=1 $(BIN)/python -m pytest -q -n 2 --durations=10
+	REPSURGERY_QUIET=1 $(BIN)/python -m pytest -q --durations=10
 
 clean:
 	rm -rf data models features results

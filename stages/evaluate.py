@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from pipeline import data, metrics
 from stages.common import DATA, HEADS, METHODS, RESULTS, SPLIT, progress, tasks, write_json
-from stages.extract import open_features
+from stages.features import open_features
 from stages.surgery import load_surgery
 
 

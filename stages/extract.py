@@ -7,32 +7,13 @@ from pathlib import Path
 
 import torch
 
-from cache import open_store
 from pipeline import clip_model, data
-from pipeline.checkpoints import fingerprint, load_state, read_metadata
+from pipeline.checkpoints import fingerprint, load_state
 from pipeline.extraction import Target, extract
 from stages.common import DATA, PRETRAINED, SPLIT, check_method, finetuned_path, merged_path, progress, store_path, tasks
+from stages.features import fix_hint
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _fix_hint(encoder: str) -> str:
-    return "run `repsurgery extract-reference`" if encoder in ("pretrained", "individual") else \
-        f"run `repsurgery extract {encoder}`"
-
-
-def checkpoint_fingerprint(encoder: str, task: str) -> str:
-    """Fingerprint of the weights that `encoder` names now: what a store must have been made from."""
-    if encoder == "pretrained":
-        return fingerprint(clip_model.image_encoder(PRETRAINED).state_dict())
-    path = finetuned_path(task) if encoder == "individual" else merged_path(encoder)
-    return read_metadata(path)["fingerprint"]
-
-
-def open_features(encoder: str, task: str, fp: str | None = None):
-    """A verified store: complete, and made by the encoder the params name now."""
-    expect = {"encoder_fingerprint": fp or checkpoint_fingerprint(encoder, task), "task": task, "split": SPLIT}
-    return open_store(store_path(encoder, task), expect=expect, fix_hint=_fix_hint(encoder))
 
 
 def _attrs(encoder: torch.nn.Module, task: str, spec: dict) -> dict:
@@ -46,7 +27,7 @@ def _run(task: str, named: dict[str, torch.nn.Module], spec: dict, params: dict,
     dataset = data.ImageDataset(DATA, task, SPLIT, clip_model.preprocess_for(spec))
     targets = [Target(enc, store_path(name, task), _attrs(enc, task, spec)) for name, enc in named.items()]
     return extract(targets, dataset, batch_size=cfg["batch_size"], device=device, dtype=cfg["dtype"],
-                   autocast=AUTOCAST[cfg.get("autocast", "none")], fix_hint=_fix_hint(next(iter(named))),
+                   autocast=AUTOCAST[cfg.get("autocast", "none")], fix_hint=fix_hint(next(iter(named))),
                    progress=lambda it, **kw: progress(it, desc=f"extract {task}", unit="batch", **kw))
 
 

@@ -9,7 +9,7 @@ from pipeline.checkpoints import load_state, read_metadata, save_state
 from pipeline.errors import PipelineError
 from pipeline.surgery import Surgery, train
 from stages.common import SURGERY, check_method, progress, tasks, write_json
-from stages.extract import open_features
+from stages.features import open_features
 
 
 def surgery_path(method: str):

@@ -36,7 +36,7 @@ def test_accuracy_from_cached_features_equals_running_the_merged_encoder(world, 
     from pipeline import clip_model, data
     from pipeline.heads import logits
     from stages.common import DATA, HEADS, PRETRAINED, merged_path
-    from stages.extract import open_features
+    from stages.features import open_features
 
     encoder = clip_model.image_encoder(PRETRAINED, load_file(str(merged_path("ties_merging"))))
     dataset = data.ImageDataset(DATA, "colors", "test", clip_model.preprocess_for(clip_model.read_spec(PRETRAINED)))
