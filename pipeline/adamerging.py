@@ -63,13 +63,6 @@ def step(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch.
     return total
 
 
-def step_all_graphs(encoder, coeffs, heads, batches) -> float:
-    """The reference's step: every task's graph alive until one backward (for benchmarks)."""
-    loss = sum(entropy(logits(functional_call(encoder, coeffs.merged(), (x,)), h)) for h, x in zip(heads, batches))
-    loss.backward()
-    return loss.item()
-
-
 def learn(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch.Tensor],
           streams: list[Iterator[torch.Tensor]], *, steps: int, lr: float,
           device: torch.device, progress: Callable = lambda it: it) -> list[float]:

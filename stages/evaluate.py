@@ -26,24 +26,25 @@ def evaluate(params: dict) -> dict:
     labels = {t: data.labels(DATA, t, SPLIT) for t in names}
     individual = {t: open_features("individual", t) for t in names}
 
-    def acc(store, task, surgery=None, index=0):
-        z = torch.from_numpy(store.to_numpy())
-        if surgery is not None:
-            with torch.no_grad():
-                z = surgery(z, index)
+    def acc(z: torch.Tensor, task: str) -> float:
         return metrics.accuracy(z, heads[task], labels[task])
 
+    def features(store) -> torch.Tensor:
+        return torch.from_numpy(store.to_numpy())
+
     results = {
-        "pretrained": {"acc": _with_avg({t: acc(open_features("pretrained", t), t) for t in names})},
-        "individual": {"acc": _with_avg({t: acc(individual[t], t) for t in names})},
+        "pretrained": {"acc": _with_avg({t: acc(features(open_features("pretrained", t)), t) for t in names})},
+        "individual": {"acc": _with_avg({t: acc(features(individual[t]), t) for t in names})},
     }
     for method in progress(methods(params), desc="evaluate", unit="method"):
         surgery = load_surgery(method, names)
         out = {"acc": {}, "surgery_acc": {}, "bias": {}, "surgery_bias": {}}
         for i, task in enumerate(names):
             store = open_features(method, task)
-            out["acc"][task] = acc(store, task)
-            out["surgery_acc"][task] = acc(store, task, surgery, i)
+            z = features(store)
+            out["acc"][task] = acc(z, task)
+            with torch.no_grad():
+                out["surgery_acc"][task] = acc(surgery(z, i), task)
             out["bias"][task] = metrics.bias(store, individual[task])
             out["surgery_bias"][task] = metrics.bias(metrics.adapted(store, surgery, i), individual[task])
         results[method] = {k: _with_avg(v) for k, v in out.items()}
