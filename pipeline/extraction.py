@@ -8,8 +8,7 @@ from typing import Callable
 
 import torch
 
-from cache import open_store, open_writer
-from cache.store import StoreError
+from cache import StoreError, open_store, open_writer
 from pipeline.data import loader
 
 
