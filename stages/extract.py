@@ -10,22 +10,23 @@ import torch
 from pipeline import clip_model, data
 from pipeline.checkpoints import fingerprint, load_state
 from pipeline.extraction import Target, extract
-from stages.common import DATA, PRETRAINED, SPLIT, check_method, finetuned_path, merged_path, progress, store_path, tasks
+from stages.common import (DATA, PRETRAINED, SPLIT, check_method, finetuned_path, merged_path, progress, store_path,
+                           tasks)
 from stages.features import fix_hint
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _attrs(encoder: torch.nn.Module, task: str, spec: dict) -> dict:
+def _attrs(encoder: torch.nn.Module, task: str, spec: dict, dataset_fp: str) -> dict:
     return {"encoder_fingerprint": fingerprint(encoder.state_dict()), "task": task, "split": SPLIT,
-            "dataset_fingerprint": data.dataset_fingerprint(DATA, task, SPLIT),
-            "preprocess": spec.get("preprocess") or spec.get("arch")}
+            "dataset_fingerprint": dataset_fp, "preprocess": spec.get("preprocess") or spec.get("arch")}
 
 
 def _run(task: str, named: dict[str, torch.nn.Module], spec: dict, params: dict, device: torch.device) -> list[Path]:
     cfg = params["extract"]
     dataset = data.ImageDataset(DATA, task, SPLIT, clip_model.preprocess_for(spec))
-    targets = [Target(enc, store_path(name, task), _attrs(enc, task, spec)) for name, enc in named.items()]
+    dataset_fp = data.dataset_fingerprint(DATA, task, SPLIT)
+    targets = [Target(enc, store_path(name, task), _attrs(enc, task, spec, dataset_fp)) for name, enc in named.items()]
     return extract(targets, dataset, batch_size=cfg["batch_size"], device=device, dtype=cfg["dtype"],
                    autocast=AUTOCAST[cfg.get("autocast", "none")], fix_hint=fix_hint(next(iter(named))),
                    progress=lambda it, **kw: progress(it, desc=f"extract {task}", unit="batch", **kw))

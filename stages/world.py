@@ -51,7 +51,8 @@ def build_pretrained(params: dict, device: torch.device) -> None:
     loaded = [_train_images(t, spec) for t in progress(names, desc="decode train images", unit="task")]
     curve = pretrain(
         model, tokenizer, [x for x, _ in loaded], [y for _, y in loaded], captions, steps=cfg["steps"],
-        batch_size=cfg["batch_size"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], seed=world["seed"], device=device, progress=lambda it: progress(it, desc="pretrain CLIP", unit="step"),
+        batch_size=cfg["batch_size"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], seed=world["seed"],
+        device=device, progress=lambda it: progress(it, desc="pretrain CLIP", unit="step"),
     )
     PRETRAINED.mkdir(parents=True, exist_ok=True)
     save_state(PRETRAINED / "clip.safetensors", model.state_dict())
