@@ -31,10 +31,6 @@ class Surgery(torch.nn.Module):
         self.down = torch.nn.Parameter((torch.rand(n_tasks, rank, dim, generator=generator) * 2 - 1) * bound)
         self.up = torch.nn.Parameter(torch.zeros(n_tasks, dim, rank))
 
-    @property
-    def rank(self) -> int:
-        return self.down.shape[1]
-
     def forward(self, z: torch.Tensor, task: int | None = None) -> torch.Tensor:
         """z: (T, B, d) for all tasks at once, or (B, d) with `task` given."""
         if task is not None:

@@ -17,16 +17,15 @@ from stages.features import fix_hint
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _attrs(encoder: torch.nn.Module, task: str, spec: dict, dataset_fp: str) -> dict:
-    return {"encoder_fingerprint": fingerprint(encoder.state_dict()), "task": task, "split": SPLIT,
-            "dataset_fingerprint": dataset_fp, "preprocess": spec.get("preprocess") or spec.get("arch")}
-
-
-def _run(task: str, named: dict[str, torch.nn.Module], spec: dict, params: dict, device: torch.device) -> list[Path]:
+def _run(task: str, named: dict[str, tuple[torch.nn.Module, str]], spec: dict, params: dict,
+         device: torch.device) -> list[Path]:
+    """Extract `task` with every named (encoder, its fingerprint) from one decode of the images."""
     cfg = params["extract"]
     dataset = data.ImageDataset(DATA, task, SPLIT, clip_model.preprocess_for(spec))
-    dataset_fp = data.dataset_fingerprint(DATA, task, SPLIT)
-    targets = [Target(enc, store_path(name, task), _attrs(enc, task, spec, dataset_fp)) for name, enc in named.items()]
+    attrs = {"task": task, "split": SPLIT, "dataset_fingerprint": data.dataset_fingerprint(DATA, task, SPLIT),
+             "preprocess": spec.get("preprocess") or spec.get("arch")}
+    targets = [Target(enc, store_path(name, task), {"encoder_fingerprint": fp, **attrs})
+               for name, (enc, fp) in named.items()]
     return extract(targets, dataset, batch_size=cfg["batch_size"], device=device, dtype=cfg["dtype"],
                    autocast=AUTOCAST[cfg.get("autocast", "none")], fix_hint=fix_hint(next(iter(named))),
                    progress=lambda it, **kw: progress(it, desc=f"extract {task}", unit="batch", **kw))
@@ -37,11 +36,14 @@ def extract_reference(params: dict, device: torch.device) -> None:
     computed once and shared by every merge method; both see the same decoded batches."""
     model, spec = clip_model.load_clip(PRETRAINED)
     pretrained = model.visual
+    reference = (pretrained, fingerprint(pretrained.state_dict()))
     for task in tasks(params):
         individual = copy.deepcopy(pretrained)
-        individual.load_state_dict(load_state(finetuned_path(task), like=pretrained.state_dict(),
-                                              hint="Run `repsurgery finetune` to create it."))
-        paths = _run(task, {"pretrained": pretrained, "individual": individual}, spec, params, device)
+        state = load_state(finetuned_path(task), like=pretrained.state_dict(),
+                           hint="Run `repsurgery finetune` to create it.")
+        individual.load_state_dict(state)
+        named = {"pretrained": reference, "individual": (individual, fingerprint(state))}
+        paths = _run(task, named, spec, params, device)
         print(f"{task}: " + ", ".join(map(str, paths)))
 
 
@@ -49,7 +51,9 @@ def extract_merged(method: str, params: dict, device: torch.device) -> None:
     check_method(method)
     model, spec = clip_model.load_clip(PRETRAINED)
     encoder = model.visual
-    encoder.load_state_dict(load_state(merged_path(method), like=encoder.state_dict(),
-                                       hint=f"Run `repsurgery merge {method}` (or adamerge) first."))
+    state = load_state(merged_path(method), like=encoder.state_dict(),
+                       hint=f"Run `repsurgery merge {method}` (or adamerge) first.")
+    encoder.load_state_dict(state)
+    named = {method: (encoder, fingerprint(state))}
     for task in tasks(params):
-        print(f"{method} / {task}: {_run(task, {method: encoder}, spec, params, device)[0]}")
+        print(f"{method} / {task}: {_run(task, named, spec, params, device)[0]}")

@@ -3,6 +3,8 @@ the encoder the params name now (no model code is imported here: surgery and eva
 start fast and never run an encoder)."""
 from __future__ import annotations
 
+import functools
+
 from safetensors.torch import load_file
 
 from cache import FeatureStore, open_store
@@ -15,6 +17,12 @@ def fix_hint(encoder: str) -> str:
         f"run `repsurgery extract {encoder}`"
 
 
+@functools.lru_cache(maxsize=1)
+def pretrained_fingerprint() -> str:
+    """Hashed once per process: every task's pretrained store is checked against it."""
+    return fingerprint(pretrained_visual_state())
+
+
 def pretrained_visual_state() -> dict:
     """The pretrained image tower's tensors, read straight from the CLIP checkpoint."""
     state = load_file(str(PRETRAINED / "clip.safetensors"))
@@ -24,7 +32,7 @@ def pretrained_visual_state() -> dict:
 def checkpoint_fingerprint(encoder: str, task: str) -> str:
     """Fingerprint of the weights that `encoder` names now: what a store must have been made from."""
     if encoder == "pretrained":
-        return fingerprint(pretrained_visual_state())
+        return pretrained_fingerprint()
     path = finetuned_path(task) if encoder == "individual" else merged_path(encoder)
     return read_metadata(path)["fingerprint"]
 
