@@ -23,21 +23,43 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 def read_spec(model_dir: Path) -> dict:
     path = Path(model_dir) / "clip.json"
     if not path.exists():
-        raise PipelineError(f"no model spec at {path}: run `repsurgery pretrain` (miniature world) first")
+        raise PipelineError(f"no model spec at {path}: run `repsurgery prepare-pretrained` first")
     return json.loads(path.read_text())
 
 
 def build_clip(spec: dict) -> open_clip.CLIP:
     if "model_cfg" in spec:
         return open_clip.CLIP(**spec["model_cfg"])
-    return open_clip.create_model(spec["arch"], pretrained=None)
+    return open_clip.create_model(spec["arch"], pretrained=None, force_quick_gelu=spec.get("quick_gelu", False))
+
+
+def spec_from_open_clip(arch: str | None = None, config: dict | None = None, tag: str | None = None) -> dict:
+    """The spec of an open_clip architecture (by name, or an inline model config), with the
+    preprocessing its pretrained weights expect and QuickGELU where they were trained with it."""
+    if (arch is None) == (config is None):
+        raise PipelineError("give exactly one of an open_clip architecture name or a model config")
+    if arch is not None and arch not in open_clip.list_models():
+        raise PipelineError(f"unknown open_clip architecture {arch!r}; e.g. ViT-B-32-quickgelu, ViT-B-16-quickgelu, "
+                            "ViT-L-14-quickgelu (see open_clip.list_models())")
+    pretrained_cfg = open_clip.get_pretrained_cfg(arch, tag) if arch and tag else {}
+    spec = {"arch": arch} if arch else {"model_cfg": config}
+    if pretrained_cfg.get("quick_gelu") and arch and not arch.endswith("quickgelu"):
+        spec["quick_gelu"] = True
+    image_size = build_clip(spec).visual.image_size
+    spec["preprocess"] = {
+        "image_size": image_size[0] if isinstance(image_size, (tuple, list)) else image_size,
+        "mean": list(pretrained_cfg.get("mean", OPENAI_MEAN)), "std": list(pretrained_cfg.get("std", OPENAI_STD)),
+        "interpolation": pretrained_cfg.get("interpolation", "bicubic"),
+        "resize_mode": pretrained_cfg.get("resize_mode", "shortest"),
+    }
+    return spec
 
 
 def load_clip(model_dir: Path) -> tuple[open_clip.CLIP, dict]:
     spec = read_spec(model_dir)
     model = build_clip(spec)
     state = load_state(Path(model_dir) / "clip.safetensors", like=model.state_dict(),
-                       hint="Re-run `repsurgery pretrain`.")
+                       hint="Re-run `repsurgery prepare-pretrained`.")
     model.load_state_dict(state)
     return model.eval(), spec
 
@@ -46,7 +68,9 @@ def tokenizer_for(spec: dict):
     tok = spec.get("tokenizer", {})
     if tok.get("kind") == "words":
         return WordTokenizer(tok["vocab"], tok["context_length"])
-    return open_clip.get_tokenizer(spec["arch"])
+    if "arch" in spec:
+        return open_clip.get_tokenizer(spec["arch"])
+    return open_clip.SimpleTokenizer(context_length=spec["model_cfg"]["text_cfg"].get("context_length", 77))
 
 
 def preprocess_for(spec: dict):
@@ -55,6 +79,7 @@ def preprocess_for(spec: dict):
     return open_clip.image_transform(
         pre.get("image_size", 224), is_train=False,
         mean=tuple(pre.get("mean", OPENAI_MEAN)), std=tuple(pre.get("std", OPENAI_STD)),
+        interpolation=pre.get("interpolation"), resize_mode=pre.get("resize_mode"),
     )
 
 

@@ -75,8 +75,10 @@ class ImageDataset(torch.utils.data.Dataset):
         self.images, self.origin, self.labels = [], [], []
         for shard in shards(root, task, split):
             table = pq.read_table(shard, columns=["image", "label"])
-            self.images += table.column("image").combine_chunks().field("bytes").to_pylist()
-            self.origin += [(shard, row) for row in range(table.num_rows)]
+            column = table.column("image").combine_chunks()
+            self.images += column.field("bytes").to_pylist()
+            names = column.field("path").to_pylist() if column.type.get_field_index("path") >= 0 else []
+            self.origin += [(shard, row, names[row] if names else None) for row in range(table.num_rows)]
             self.labels.append(table.column("label").to_numpy())
         self.labels = np.concatenate(self.labels)
         self.transform = transform
@@ -88,8 +90,10 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             return Image.open(io.BytesIO(self.images[index])).convert("RGB")
         except Exception as exc:
-            shard, row = self.origin[index]
-            raise PipelineError(f"cannot decode image at row {row} of {shard}: {exc}") from exc
+            shard, row, name = self.origin[index]
+            named = f" ({name})" if name else ""
+            raise PipelineError(f"cannot decode image{named} at row {row} of {shard}: {exc}. "
+                                "Re-fetch or re-import this dataset, or remove the broken image from its source") from exc
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image = self.decode(index)

@@ -2,6 +2,7 @@
 
 For each class: embed every template, L2-normalise each, average, re-normalise; stack and
 multiply by logit_scale.exp(). The head L2-normalises its input, so logits = scale * cos.
+Templates name the class as `{}` (miniature world) or `{c}` (the paper's templates).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def zeroshot_weights(model, tokenizer, classnames: list[str], templates: list[st
     model = model.to(device).eval()
     rows = []
     for name in classnames:
-        tokens = tokenizer([t.format(name) for t in templates]).to(device)
+        tokens = tokenizer([t.format(name, c=name) for t in templates]).to(device)
         emb = F.normalize(model.encode_text(tokens).float(), dim=-1).mean(0)
         rows.append(F.normalize(emb, dim=0))
     return (torch.stack(rows) * model.logit_scale.exp().float()).cpu()

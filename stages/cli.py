@@ -28,10 +28,18 @@ def _stage(fn):
         try:
             return fn(*args, **kwargs)
         except (PipelineError, StoreError) as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {_original_message(exc)}", fg=typer.colors.RED, err=True)
             sys.exit(1)
 
     return wrapper
+
+
+def _original_message(exc: Exception) -> str:
+    """An error raised in a DataLoader worker arrives wrapped in that worker's traceback: keep its own line."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def _ctx(params: Path, device: str | None = None):
@@ -41,23 +49,23 @@ def _ctx(params: Path, device: str | None = None):
     return load_params(params), pick_device(device)
 
 
-@app.command("world-data")
+@app.command("prepare-data")
 @_stage
-def world_data(params: Path = ParamsOpt):
-    """Miniature world: generate the tasks' images as Hugging Face parquet shards under data/."""
+def prepare_data(params: Path = ParamsOpt):
+    """Test splits under data/: generate the miniature world, or import the real datasets."""
     from stages.common import load_params
-    from stages.world import build_data
+    from stages.prepare import prepare_data as run
 
-    build_data(load_params(params))
+    run(load_params(params))
 
 
-@app.command()
+@app.command("prepare-pretrained")
 @_stage
-def pretrain(params: Path = ParamsOpt, device: str = DeviceOpt):
-    """Miniature world: pretrain the small CLIP contrastively -> models/pretrained/."""
-    from stages.world import build_pretrained
+def prepare_pretrained(params: Path = ParamsOpt, device: str = DeviceOpt):
+    """The pretrained CLIP -> models/pretrained/: pretrain the miniature one, or import open_clip weights."""
+    from stages.prepare import prepare_pretrained as run
 
-    build_pretrained(*_ctx(params, device))
+    run(*_ctx(params, device))
 
 
 @app.command()
@@ -69,13 +77,45 @@ def heads(params: Path = ParamsOpt, device: str = DeviceOpt):
     build_heads(*_ctx(params, device))
 
 
+@app.command("prepare-finetuned")
+@_stage
+def prepare_finetuned(params: Path = ParamsOpt, device: str = DeviceOpt):
+    """One encoder per task -> models/finetuned/: fine-tune (miniature world) or convert the real ones."""
+    from stages.prepare import prepare_finetuned as run
+
+    run(*_ctx(params, device))
+
+
 @app.command()
 @_stage
-def finetune(params: Path = ParamsOpt, device: str = DeviceOpt):
-    """Miniature world: fine-tune one image encoder per task, head frozen -> models/finetuned/."""
-    from stages.world import build_finetuned
+def fetch(params: Path = ParamsOpt):
+    """Download what params `source` names on the Hugging Face Hub into its cache (resumable)."""
+    from stages.common import load_params
+    from stages.prepare import fetch as run
 
-    build_finetuned(*_ctx(params, device))
+    run(load_params(params))
+
+
+@app.command()
+@_stage
+def convert(src: Path = typer.Argument(..., help="checkpoint file or Hugging Face model folder"),
+            dst: Path = typer.Argument(..., help="output .safetensors"),
+            like: Path = typer.Option(Path("models/pretrained"), help="pretrained model folder that fixes the "
+                                      "architecture and lends its projection to vision towers without one")):
+    """Convert a fine-tuned checkpoint (open_clip, transformers, Task Arithmetic pickle) to the canonical form."""
+    from stages.prepare import convert as run
+
+    run(src, dst, like)
+
+
+@app.command()
+@_stage
+def preset(name: str = typer.Argument(..., help="world | paper-vit-b-32 | paper-vit-b-16 | paper-vit-l-14"),
+           params: Path = ParamsOpt):
+    """Write a params preset to params.yaml (the miniature world, or the paper's setting)."""
+    from stages.presets import write_preset
+
+    write_preset(name, params)
 
 
 @app.command()

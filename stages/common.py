@@ -52,7 +52,7 @@ def tasks(params: dict) -> list[str]:
         if not (DATA / name / "task.json").exists():
             known = sorted(p.name for p in DATA.glob("*") if (p / "task.json").exists())
             raise PipelineError(f"unknown task {name!r} in params `tasks`: no {DATA / name / 'task.json'}. "
-                                f"Tasks available: {', '.join(known) or 'none (run `repsurgery world-data`)'}")
+                                f"Tasks available: {', '.join(known) or 'none (run `repsurgery prepare-data`)'}")
     return names
 
 

@@ -17,7 +17,7 @@ from stages.common import (DATA, HEADS, MERGED, PRETRAINED, SPLIT, check_method,
 def pretrained_and_finetuned(params: dict) -> tuple[torch.nn.Module, StateDict, list[StateDict]]:
     encoder = clip_model.image_encoder(PRETRAINED)
     pretrained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
-    finetuned = [load_state(finetuned_path(t), like=pretrained, hint="Run `repsurgery finetune` to create it.")
+    finetuned = [load_state(finetuned_path(t), like=pretrained, hint="Run `repsurgery prepare-finetuned` to create it.")
                  for t in tasks(params)]
     return encoder, pretrained, finetuned
 

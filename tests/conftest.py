@@ -15,6 +15,7 @@ BIN = Path(sys.executable).parent
 
 TINY = {
     "tasks": ["digits", "colors", "positions"],
+    "source": "world",
     "world": {"seed": 0, "image_size": 32, "n_train": 384, "n_test": 80, "noise": 8.0, "clutter": 3},
     "model": {"embed_dim": 32, "vision": {"width": 32, "layers": 1, "heads": 2, "patch_size": 8},
               "text": {"width": 32, "layers": 1, "heads": 2, "context_length": 16}},

@@ -1,0 +1,118 @@
+"""Bringing a real dataset split into the project's layout: `<task>/task.json` plus
+`<task>/data/<split>-*.parquet` with columns `image` = {bytes, path} and `label`.
+
+Two sources: Hugging Face parquet shards (linked, not rewritten, so their bytes and hence
+the dataset fingerprint stay those of the published files) and image folders with one
+folder per class (the Task Arithmetic layout), packed into shards of the original bytes.
+Class folders map to labels in sorted order, as torchvision's ImageFolder does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import PipelineError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+ROWS_PER_SHARD = 4096
+
+
+def parquet_shards(src: Path, split: str) -> list[Path]:
+    found = sorted(p for p in Path(src).rglob(f"{split}-*.parquet") if ".cache" not in p.parts)
+    return found
+
+
+def looks_like_image_folder(src: Path) -> bool:
+    return any(p.is_dir() for p in Path(src).iterdir()) if Path(src).is_dir() else False
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)  # no second copy of a multi-GB split when on the same filesystem
+    except OSError:
+        shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def _check_shard(shard: Path, n_classes: int) -> int:
+    schema = pq.read_schema(shard)
+    if "image" not in schema.names or "label" not in schema.names:
+        raise PipelineError(f"{shard}: expected columns `image` and `label`, found {schema.names}")
+    image = schema.field("image").type
+    if not (pa.types.is_struct(image) and image.get_field_index("bytes") >= 0):
+        raise PipelineError(f"{shard}: column `image` must be a struct with `bytes` (Hugging Face Image), got {image}")
+    labels = pq.read_table(shard, columns=["label"])["label"].to_numpy()
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise PipelineError(f"{shard}: labels span {labels.min()}..{labels.max()}, but the task has {n_classes} "
+                            "class names: wrong dataset or wrong class names for this task?")
+    return len(labels)
+
+
+def import_parquet(src: Path, split: str, out: Path, n_classes: int) -> int:
+    shards = parquet_shards(src, split)
+    if not shards:
+        raise PipelineError(f"no `{split}-*.parquet` shards under {src}")
+    rows = sum(_check_shard(s, n_classes) for s in shards)
+    for shard in shards:
+        _link_or_copy(shard, out / "data" / shard.name)
+    return rows
+
+
+def image_folder_split(src: Path, split: str) -> Path:
+    """`src/<split>/<class>/...` when that folder exists, else `src/<class>/...`."""
+    return Path(src) / split if (Path(src) / split).is_dir() else Path(src)
+
+
+def import_image_folder(src: Path, split: str, out: Path, classnames: list[str],
+                        progress: Callable = lambda it, **kw: it) -> int:
+    root = image_folder_split(src, split)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if len(classes) != len(classnames):
+        raise PipelineError(f"{root} has {len(classes)} class folders but the task has {len(classnames)} class "
+                            f"names: point at the folder that holds one sub-folder per class (e.g. .../{split})")
+    files = [(f, label) for label, name in enumerate(classes)
+             for f in sorted((root / name).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise PipelineError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    n_shards = -(-len(files) // ROWS_PER_SHARD)
+    for index in progress(range(n_shards), desc=f"pack {root.name}", unit="shard"):
+        part = files[index * ROWS_PER_SHARD:(index + 1) * ROWS_PER_SHARD]
+        images = [{"bytes": f.read_bytes(), "path": str(f.relative_to(root))} for f, _ in part]
+        table = pa.table({"image": pa.array(images, type=IMAGE_TYPE),
+                          "label": pa.array([label for _, label in part], type=pa.int64())})
+        path = out / "data" / f"{split}-{index:05d}-of-{n_shards:05d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+    return len(files)
+
+
+def import_split(src: Path, split: str, out: Path, task: str, classnames: list[str], templates: list[str],
+                 origin: str, progress: Callable = lambda it, **kw: it) -> int:
+    """Import one split of `task` from `src` (parquet shards or image folders) into `out`."""
+    src = Path(src).expanduser()
+    if not src.exists():
+        raise PipelineError(f"task {task!r}: dataset folder {src} does not exist")
+    if out.exists():
+        shutil.rmtree(out)
+    if parquet_shards(src, split):
+        rows, kind = import_parquet(src, split, out, len(classnames)), "parquet"
+    elif looks_like_image_folder(src):
+        rows, kind = import_image_folder(src, split, out, classnames, progress), "imagefolder"
+    else:
+        raise PipelineError(f"task {task!r}: {src} holds neither `{split}-*.parquet` shards nor one folder per class")
+    meta = {"name": task, "classnames": classnames, "templates": templates, "source": origin, "format": kind,
+            f"n_{split}": rows}
+    (out / "task.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return rows

@@ -1,0 +1,68 @@
+"""Params presets: the miniature world (the default params.yaml) and the paper's setting.
+
+The paper presets are derived from the world preset, so every section a stage reads is
+present; only tasks, `source` and the paper's AdaMerging schedule differ.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from pipeline.catalog import PAPER_TASKS
+from pipeline.errors import PipelineError
+
+# preset -> (open_clip architecture, name in tanganke/clip-vit-*_<task> model ids)
+PAPER_MODELS = {
+    "paper-vit-b-32": ("ViT-B-32-quickgelu", "clip-vit-base-patch32"),
+    "paper-vit-b-16": ("ViT-B-16-quickgelu", "clip-vit-base-patch16"),
+    "paper-vit-l-14": ("ViT-L-14-quickgelu", "clip-vit-large-patch14"),
+}
+PRESETS = ("world", *PAPER_MODELS)
+
+PAPER_HEADER = """\
+# The paper's setting ({name}): OpenAI CLIP {arch}, the eight fine-tuned task encoders and the
+# eight test splits from the Hugging Face Hub. Written by `repsurgery preset {name}`.
+# 1. `repsurgery fetch` downloads everything named in `source` into `source.cache` (online, once).
+# 2. `dvc repro` then runs offline. Entries of `source.finetuned` / `source.datasets` may also be
+#    local paths (checkpoint files or model folders; parquet shards or one folder per class).
+# The sections world, model, pretrain and finetune are unused with a real source (dvc.yaml names them).
+"""
+
+
+def world_text() -> str:
+    return resources.files("stages.presets").joinpath("world.yaml").read_text()
+
+
+def paper_params(name: str) -> dict:
+    arch, model_name = PAPER_MODELS[name]
+    params = yaml.safe_load(world_text())
+    params["tasks"] = list(PAPER_TASKS)
+    params["source"] = {
+        "cache": "~/.cache/repsurgery",
+        "pretrained": {"arch": arch, "weights": "openai"},
+        "finetuned": {t: f"hf://tanganke/{model_name}_{hub_task}" for t, (_, hub_task, _) in PAPER_TASKS.items()},
+        "datasets": {t: f"hf://{repo}" for t, (repo, _, _) in PAPER_TASKS.items()},
+    }
+    for method in params["adamerging"].values():
+        method["steps"] = 500  # the paper's schedule (the miniature world runs 100)
+    return params
+
+
+def preset_text(name: str) -> str:
+    if name == "world":
+        return world_text()
+    if name not in PAPER_MODELS:
+        raise PipelineError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    arch = PAPER_MODELS[name][0]
+    return PAPER_HEADER.format(name=name, arch=arch) + yaml.safe_dump(paper_params(name), sort_keys=False)
+
+
+def write_preset(name: str, path: Path) -> None:
+    text = preset_text(name)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    print(f"wrote the {name} preset to {path}" + ("" if name == "world" else
+          "; next: `repsurgery fetch` (online), then `dvc repro`"))

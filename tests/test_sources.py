@@ -1,0 +1,132 @@
+"""Where real models and data come from: presets, the Hub fetch, imports, zero-shot heads."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from pipeline import data, hub
+from pipeline.errors import PipelineError
+from pipeline.heads import zeroshot_weights
+from pipeline.importing import IMAGE_TYPE, import_split
+from stages.presets import paper_params, preset_text
+from stages.prepare import fetch_items, source
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_world_preset_is_the_default_params_file():
+    assert preset_text("world") == (ROOT / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize("name, arch", [("paper-vit-b-32", "ViT-B-32-quickgelu"),
+                                        ("paper-vit-l-14", "ViT-L-14-quickgelu")])
+def test_paper_presets_name_the_eight_tasks_on_the_hub(name, arch):
+    params = yaml.safe_load(preset_text(name))
+    assert params["tasks"] == ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
+    assert params["source"]["pretrained"] == {"arch": arch, "weights": "openai"}
+    assert params["adamerging"]["lw_adamerging"]["steps"] == 500
+    assert params["surgery"] == yaml.safe_load((ROOT / "params.yaml").read_text())["surgery"]
+    items = {name: (ref, patterns) for name, ref, patterns in fetch_items(params)}
+    assert len(items) == 17  # pretrained + 8 fine-tuned + 8 test splits
+    ref, patterns = items["svhn test split"]
+    assert (ref.repo_id, ref.subfolder, ref.kind) == ("ufldl-stanford/svhn", "cropped_digits", "dataset")
+    assert "cropped_digits/test-*.parquet" in patterns[0]
+    assert items["pretrained " + arch][0].repo_id.startswith("timm/vit_")
+
+
+def test_incomplete_sources_are_refused_naming_the_gap():
+    params = paper_params("paper-vit-b-32")
+    del params["source"]["finetuned"]["dtd"]
+    with pytest.raises(PipelineError, match=r"source.finetuned.*\['dtd'\]"):
+        source(params)
+    with pytest.raises(PipelineError, match="unknown key"):
+        source({**params, "source": {**params["source"], "model": "x"}})
+
+
+def test_fetch_records_sizes_and_hashes_and_stops_at_the_first_connection_failure(tmp_path):
+    calls = []
+
+    def download(ref, patterns, cache):
+        calls.append(ref.repo_id)
+        if ref.repo_id == "a/ok":
+            folder = ref.local_dir(cache)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "model.safetensors").write_bytes(b"abc")
+            return [folder / "model.safetensors"]
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    items = [(n, hub.parse(f"hf://{n}", "model"), [["*"]]) for n in ("a/ok", "b/down", "c/never")]
+    with pytest.raises(PipelineError) as error:
+        hub.fetch(items, tmp_path, download=download)
+    assert calls == ["a/ok", "b/down"]  # offline: no waiting on every remaining item
+    assert "2 of 3 downloads missing" in str(error.value) and "c/never" in str(error.value)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["hf://a/ok"]["files"][0]["bytes"] == 3
+    assert manifest["hf://a/ok"]["files"][0]["sha256"].startswith("ba7816bf")  # sha256("abc")
+
+
+def test_bad_hub_references_are_refused():
+    with pytest.raises(PipelineError, match="hf://owner/name"):
+        hub.parse("hf://justone", "model")
+
+
+def _shard(path: Path, images: list[bytes], labels: list[int]) -> None:
+    rows = [{"bytes": b, "path": f"img{i}.png"} for i, b in enumerate(images)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image": pa.array(rows, type=IMAGE_TYPE), "label": pa.array(labels)}), path)
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_broken_image_is_named_by_file_shard_and_row(tmp_path):
+    _shard(tmp_path / "src" / "data" / "test-00000-of-00001.parquet", [_png(), b"not an image"], [0, 1])
+    import_split(tmp_path / "src", "test", tmp_path / "data" / "t", "t", ["a", "b"], ["{c}"], origin="here")
+    dataset = data.ImageDataset(tmp_path / "data", "t", "test")
+    dataset[0]
+    with pytest.raises(PipelineError, match=r"image \(img1.png\) at row 1 of .*test-00000-of-00001.parquet"):
+        dataset[1]
+
+
+def test_labels_outside_the_class_names_are_refused(tmp_path):
+    _shard(tmp_path / "src" / "test-00000-of-00001.parquet", [_png()], [5])
+    with pytest.raises(PipelineError, match=r"labels span 5..5, but the task has 2 class names"):
+        import_split(tmp_path / "src", "test", tmp_path / "out", "t", ["a", "b"], ["{c}"], origin="here")
+
+
+def test_image_folders_need_one_folder_per_class(tmp_path):
+    for name in ("a", "b", "c"):
+        (tmp_path / "src" / "test" / name).mkdir(parents=True)
+    with pytest.raises(PipelineError, match="3 class folders but the task has 2 class names"):
+        import_split(tmp_path / "src", "test", tmp_path / "out", "t", ["a", "b"], ["{c}"], origin="here")
+
+
+def test_zero_shot_heads_are_normalised_template_means_times_the_logit_scale():
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=8, vision_cfg={"image_size": 16, "patch_size": 8, "width": 16, "layers": 1,
+                                                    "head_width": 8},
+                           text_cfg={"context_length": 12, "vocab_size": 49408, "width": 16, "heads": 2,
+                                     "layers": 1}).eval()
+    tokenizer = open_clip.SimpleTokenizer(context_length=12)
+    templates = ["a photo of a {c}.", "a {c} pattern."]
+    head = zeroshot_weights(model, tokenizer, ["cat", "striped dog"], templates)
+    scale = model.logit_scale.exp().item()
+    assert scale == pytest.approx(1 / 0.07)
+    torch.testing.assert_close(head.norm(dim=1), torch.full((2,), scale))
+    with torch.no_grad():
+        emb = F.normalize(model.encode_text(tokenizer(["a photo of a striped dog.", "a striped dog pattern."])), dim=-1)
+    torch.testing.assert_close(head[1], F.normalize(emb.mean(0), dim=0) * scale)
