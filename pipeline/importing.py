@@ -25,8 +25,7 @@ ROWS_PER_SHARD = 4096
 
 
 def parquet_shards(src: Path, split: str) -> list[Path]:
-    found = sorted(p for p in Path(src).rglob(f"{split}-*.parquet") if ".cache" not in p.parts)
-    return found
+    return sorted(p for p in Path(src).rglob(f"{split}-*.parquet") if ".cache" not in p.parts)
 
 
 def looks_like_image_folder(src: Path) -> bool:

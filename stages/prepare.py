@@ -123,12 +123,18 @@ def _pretrained_weights(src: dict) -> Path:
     ref = _pretrained_hub_ref(src["pretrained"])
     if ref is None:
         return _local(str(src["pretrained"]["weights"]), "model", src, "pretrained weights")
+    from huggingface_hub import try_to_load_from_cache
+
     folder = ref.path_in(cache_dir(src))
     for (name,) in PRETRAINED_FILES:
         if (folder / name).exists():
             return folder / name
-    raise PipelineError(f"pretrained weights of {src['pretrained']['arch']} are not in the cache ({folder}). "
-                        "Run `repsurgery fetch` (needs network), or set `source.pretrained.weights` to a local file")
+        cached = try_to_load_from_cache(ref.repo_id, name)  # where open_clip itself would have put it
+        if isinstance(cached, str):
+            return Path(cached)
+    raise PipelineError(f"pretrained weights of {src['pretrained']['arch']} are neither in {folder} nor in the "
+                        "Hugging Face cache that open_clip uses. Run `repsurgery fetch` (needs network), or set "
+                        "`source.pretrained.weights` to a local file")
 
 
 def prepare_pretrained(params: dict, device: torch.device) -> None:

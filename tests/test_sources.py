@@ -102,6 +102,18 @@ def test_a_broken_image_is_named_by_file_shard_and_row(tmp_path):
         dataset[1]
 
 
+def test_a_broken_image_in_a_loader_worker_reports_one_clear_line(tmp_path):
+    from stages.cli import _original_message
+
+    _shard(tmp_path / "src" / "data" / "test-00000-of-00001.parquet", [_png(), b"broken"], [0, 1])
+    import_split(tmp_path / "src", "test", tmp_path / "data" / "t", "t", ["a", "b"], ["{c}"], origin="here")
+    dataset = data.ImageDataset(tmp_path / "data", "t", "test", transform=lambda im: torch.zeros(1))
+    with pytest.raises(PipelineError) as error:
+        list(data.loader(dataset, 1, workers=1))
+    line = _original_message(error.value)
+    assert "\n" not in line and line.startswith("cannot decode image (img1.png) at row 1 of ")
+
+
 def test_labels_outside_the_class_names_are_refused(tmp_path):
     _shard(tmp_path / "src" / "test-00000-of-00001.parquet", [_png()], [5])
     with pytest.raises(PipelineError, match=r"labels span 5..5, but the task has 2 class names"):
