@@ -99,23 +99,19 @@ def adamerge(method: str = typer.Argument(..., help="tw_adamerging | lw_adamergi
     run(method, *_ctx(params, device))
 
 
-@app.command("extract-reference")
-@_stage
-def extract_reference(params: Path = ParamsOpt, device: str = DeviceOpt):
-    """Features of the pretrained (all tasks) and individual (own task) encoders -> features/."""
-    from stages.extract import extract_reference as run
-
-    run(*_ctx(params, device))
-
-
 @app.command()
 @_stage
-def extract(method: str = typer.Argument(..., help="a merge method"), params: Path = ParamsOpt,
-            device: str = DeviceOpt):
-    """Features of a merged encoder on every task -> features/METHOD/."""
-    from stages.extract import extract_merged
+def extract(encoders: list[str] = typer.Argument(None, help="pretrained, individual and/or merge methods "
+                                                             "(default: all of them)"),
+            params: Path = ParamsOpt, device: str = DeviceOpt,
+            scheduler: str = typer.Option(None, "--scheduler", help="address of a running Dask scheduler "
+                                          "(tcp://host:8786): its workers extract, this process finalises"),
+            workers: int = typer.Option(None, "--workers", min=1, help="start a local Dask cluster of N worker "
+                                        "processes (one per GPU)")):
+    """Features of every encoder on every task, each image decoded once -> features/<encoder>/."""
+    from stages.extract import extract_features
 
-    extract_merged(method, *_ctx(params, device))
+    extract_features(*_ctx(params, device), encoders or None, scheduler=scheduler, workers=workers)
 
 
 @app.command()
