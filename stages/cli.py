@@ -134,5 +134,24 @@ def evaluate(params: Path = ParamsOpt):
     run(load_params(params))
 
 
+@app.command()
+@_stage
+def bench(params: Path = ParamsOpt, device: str = DeviceOpt,
+          method: str = typer.Option("ties_merging", help="the merged encoder surgery is timed on"),
+          steps: int = typer.Option(100, min=1, help="surgery steps of the live run, the cached run and each rank "
+                                    "of the sweep (the same on both sides)"),
+          stage_steps: int = typer.Option(None, min=1, help="steps of the batched vs sequential surgery "
+                                          "comparison (default: params surgery.steps)"),
+          rows: int = typer.Option(256, min=1, help="images per task for the extraction figures"),
+          adamerging_steps: int = typer.Option(2, min=1, help="timed AdaMerging steps per variant"),
+          quick: bool = typer.Option(False, "--quick", help="a few steps of everything (a smoke test)"),
+          out: Path = typer.Option(Path("results/bench.json"), "--out", help="where the figures go")):
+    """Time surgery, rank sweeps, extraction and AdaMerging against their alternatives -> results/bench.json."""
+    from stages.bench import run_bench
+
+    run_bench(*_ctx(params, device), method=method, steps=steps, stage_steps=stage_steps, rows=rows,
+              adamerging_steps=adamerging_steps, quick=quick, out=out)
+
+
 if __name__ == "__main__":
     app()
