@@ -3,13 +3,17 @@ Dask cluster writing exactly the stores the single-process path writes."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 
 from cache import open_store, open_writer
-from tests.conftest import BIN, cli, run
+from tests.conftest import BIN, cli, env, params_with, run
 
 ENCODERS = ["pretrained", "individual", "weight_averaging", "task_arithmetic", "ties_merging", "tw_adamerging",
             "lw_adamerging"]
@@ -76,3 +80,52 @@ def test_unknown_encoder_is_refused(world):
     done = cli(world, "extract", "fisher")
     assert done.returncode == 1
     assert "unknown encoder 'fisher'" in done.stderr and "ties_merging" in done.stderr
+
+
+def _partial_progress(project: Path) -> list[int]:
+    rows = []
+    for attrs in project.glob("features/*/*.zarr.partial/zarr.json"):
+        try:
+            rows.append(json.loads(attrs.read_text())["attributes"]["rows_written"])
+        except (OSError, ValueError, KeyError):
+            pass  # being written right now
+    return rows
+
+
+def test_sigkilled_extract_command_resumes_to_the_uninterrupted_stores(world, tmp_path):
+    fresh, killed = tmp_path / "fresh", tmp_path / "killed"
+    for project in (fresh, killed):
+        shutil.copytree(world, project, symlinks=True)
+        shutil.rmtree(project / "features")
+        params_with(project, project / "params.yaml", extract__batch_size=16)  # more chunks to be killed between
+    cli(fresh, "extract", check=True)
+    child = subprocess.Popen([str(BIN / "repsurgery"), "extract"], cwd=killed, env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(_partial_progress(killed)) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL, child.stderr.read()
+    interrupted = _partial_progress(killed)
+    assert interrupted and all(rows < 80 for rows in interrupted) and len(stores(killed)) < 21
+    done = cli(killed, "surgery", "ties_merging")  # nothing half-written is trusted meanwhile
+    assert done.returncode == 1 and "repsurgery extract" in done.stderr
+    cli(killed, "extract", check=True)
+    want, got = stores(fresh), stores(killed)
+    assert list(got) == list(want) and not list(killed.glob("features/*/*.partial"))
+    for name, path in want.items():
+        assert open_store(got[name], deep=True).attrs == open_store(path).attrs, name
+        assert chunk_bytes(got[name]) == chunk_bytes(path), name
+
+
+def test_truncated_store_is_refused_by_the_stages_that_read_it(world, tmp_path):
+    project = tmp_path / "copy"
+    shutil.copytree(world, project, symlinks=True)
+    store = project / "features" / "individual" / "colors-test.zarr"
+    next(f for f in (store / "features" / "c").rglob("*") if f.is_file()).unlink()
+    done = cli(project, "evaluate")
+    assert done.returncode == 1
+    assert "colors-test.zarr is truncated" in done.stderr and "repsurgery extract individual" in done.stderr
