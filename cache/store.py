@@ -63,25 +63,38 @@ class StoreWriter:
         self.array = group["features"].with_config(_ARRAY_CONFIG)
         self.n_rows, self.dim = self.array.shape
         self.chunk_rows = self.array.chunks[0]
+        self._pending: dict[int, int] = {}  # committed regions beyond the contiguous prefix
 
     @property
     def rows_written(self) -> int:
         return int(self.group.attrs["rows_written"])
 
     def write(self, start: int, block: np.ndarray) -> None:
+        """Append rows at the end of what is on disk (the single-process path)."""
         done = self.rows_written
         if start != done:
             raise ValueError(f"{self.path}: write at row {start}, but the store holds {done} rows; "
                              "rows are appended in order")
-        block = np.asarray(block)
-        if block.ndim != 2 or block.shape[1] != self.dim or len(block) == 0:
-            raise ValueError(f"{self.path}: expected a block of shape (m >= 1, {self.dim}), got {block.shape}")
-        stop = start + len(block)
-        if stop > self.n_rows or (stop % self.chunk_rows and stop != self.n_rows):
-            raise ValueError(f"{self.path}: block ends at row {stop}, not on a chunk boundary "
-                             f"(chunk rows {self.chunk_rows}, total {self.n_rows})")
-        self.array[start:stop] = block.astype(self.array.dtype, copy=False)
+        stop = _write_rows(self.array, self.path, start, block)
         self.group.attrs["rows_written"] = stop  # only after the rows are on disk
+
+    def commit(self, start: int, stop: int) -> int:
+        """Record rows [start, stop) as written by someone else (a Dask worker's `write_region`).
+
+        Regions may finish in any order; `rows_written` only ever advances over a contiguous
+        prefix, so after a kill the resumed run redoes at most the regions that were not yet
+        contiguous (their bytes come out the same). Returns the new `rows_written`.
+        """
+        if start < self.rows_written or stop > self.n_rows or start >= stop:
+            raise ValueError(f"{self.path}: cannot commit rows [{start}, {stop}): the store holds "
+                             f"{self.rows_written} of {self.n_rows} rows")
+        self._pending[start] = stop
+        done = self.rows_written
+        while done in self._pending:
+            done = self._pending.pop(done)
+        if done != self.rows_written:
+            self.group.attrs["rows_written"] = done
+        return done
 
     def finalize(self) -> Path:
         if self.rows_written != self.n_rows:
@@ -97,6 +110,37 @@ class StoreWriter:
         os.replace(partial, self.path)
         shutil.rmtree(old, ignore_errors=True)
         return self.path
+
+
+def _write_rows(array, path: Path, start: int, block: np.ndarray) -> int:
+    """Write a block that starts and ends on chunk boundaries (the last chunk may be short)."""
+    block = np.asarray(block)
+    n_rows, dim = array.shape
+    chunk_rows = array.chunks[0]
+    if block.ndim != 2 or block.shape[1] != dim or len(block) == 0:
+        raise ValueError(f"{path}: expected a block of shape (m >= 1, {dim}), got {block.shape}")
+    stop = start + len(block)
+    if start % chunk_rows or stop > n_rows or (stop % chunk_rows and stop != n_rows):
+        raise ValueError(f"{path}: block of rows [{start}, {stop}) is not on chunk boundaries "
+                         f"(chunk rows {chunk_rows}, total {n_rows})")
+    array[start:stop] = block.astype(array.dtype, copy=False)
+    return stop
+
+
+def write_region(path, start: int, block: np.ndarray) -> int:
+    """Write rows [start, start + len(block)) of `<path>.partial`, from any process or host.
+
+    For scale-out: each Dask task writes its own chunk-aligned region (so no two writers
+    ever touch the same chunk file) and records nothing; the process that opened the store
+    with `open_writer` commits the region when the task reports back, then finalises.
+    Returns the row after the block.
+    """
+    partial = _sibling(Path(path), ".partial")
+    if not partial.exists():
+        raise MissingStoreError(f"{partial} does not exist: open the store with open_writer before "
+                                "writing regions into it")
+    array = zarr.open_array(partial / "features", mode="r+").with_config(_ARRAY_CONFIG)
+    return _write_rows(array, Path(path), start, block)
 
 
 def _checksum(array) -> str:

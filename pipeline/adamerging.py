@@ -63,6 +63,18 @@ def step(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch.
     return total
 
 
+def step_all_graphs(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch.Tensor],
+                    batches: list[torch.Tensor]) -> float:
+    """The reference's step: the merged weights once, every task's graph alive until a single
+    backward of the summed loss. Same gradient as `step`, about T times its activation memory;
+    kept as the benchmark's baseline (`repsurgery bench`)."""
+    params = coeffs.merged()
+    loss = sum(entropy(logits(functional_call(encoder, params, (images,)), head))
+               for head, images in zip(heads, batches))
+    loss.backward()
+    return loss.item()
+
+
 def learn(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch.Tensor],
           streams: list[Iterator[torch.Tensor]], *, steps: int, lr: float,
           device: torch.device, progress: Callable = lambda it: it) -> list[float]:

@@ -62,6 +62,34 @@ def batch_indices(sizes: list[int], batch_size: int, steps: int, seed: int) -> t
     return out
 
 
+def plan(sizes: list[int], batch_size: int, steps: int, seed: int) -> torch.Tensor:
+    """The (steps, T, B) rows a surgery run with this seed visits (live or cached, the same)."""
+    return batch_indices(sizes, batch_size, steps, seed + 1)
+
+
+def fit(fetch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *, n_tasks: int, dim: int, rank: int,
+        lr: float, steps: int, loss: str = "l1", seed: int = 0, device: torch.device | str = "cpu",
+        progress: Callable = lambda it: it, on_step: Callable[[int, Surgery], None] | None = None
+        ) -> tuple[Surgery, list[float]]:
+    """Train all tasks' adapters on the (T, B, d) feature pairs `fetch(step)` returns: from
+    cached stores (`train`), or from running the encoders on images (the reference way, which
+    the benchmark times against it)."""
+    criterion = loss_fn(loss)
+    module = Surgery(n_tasks, dim, rank, seed).to(device)
+    optimiser = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.999))
+    curve = []
+    for step in progress(range(steps)):
+        z, target = fetch(step)
+        value = criterion(module(z), target)
+        optimiser.zero_grad(set_to_none=True)
+        value.backward()
+        optimiser.step()
+        curve.append(value.item() / n_tasks)
+        if on_step is not None:
+            on_step(step + 1, module)
+    return module.cpu(), curve
+
+
 def train(merged: list[torch.Tensor], individual: list[torch.Tensor], *, rank: int, lr: float,
           steps: int, batch_size: int, loss: str = "l1", seed: int = 0,
           device: torch.device | str = "cpu", progress: Callable = lambda it: it,
@@ -69,22 +97,14 @@ def train(merged: list[torch.Tensor], individual: list[torch.Tensor], *, rank: i
     """Train all tasks' adapters on cached features (lists of (N_t, d) tensors, one per task)."""
     if len(merged) != len(individual) or any(m.shape != i.shape for m, i in zip(merged, individual)):
         raise PipelineError("merged and individual features must have the same shape for every task")
-    criterion = loss_fn(loss)
-    dim = merged[0].shape[1]
-    module = Surgery(len(merged), dim, rank, seed).to(device)
-    optimiser = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.999))
-    index = batch_indices([len(m) for m in merged], batch_size, steps, seed + 1).to(device)
+    loss_fn(loss)  # an unknown loss is refused before any work
+    index = plan([len(m) for m in merged], batch_size, steps, seed).to(device)
     merged = [m.to(device, torch.float32) for m in merged]
     individual = [i.to(device, torch.float32) for i in individual]
-    curve = []
-    for step in progress(range(steps)):
-        z = torch.stack([m[index[step, t]] for t, m in enumerate(merged)])
-        target = torch.stack([i[index[step, t]] for t, i in enumerate(individual)])
-        value = criterion(module(z), target)
-        optimiser.zero_grad(set_to_none=True)
-        value.backward()
-        optimiser.step()
-        curve.append(value.item() / len(merged))
-        if on_step is not None:
-            on_step(step + 1, module)
-    return module.cpu(), curve
+
+    def fetch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.stack([m[index[step, t]] for t, m in enumerate(merged)]),
+                torch.stack([i[index[step, t]] for t, i in enumerate(individual)]))
+
+    return fit(fetch, n_tasks=len(merged), dim=merged[0].shape[1], rank=rank, lr=lr, steps=steps, loss=loss,
+               seed=seed, device=device, progress=progress, on_step=on_step)

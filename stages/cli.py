@@ -139,23 +139,19 @@ def adamerge(method: str = typer.Argument(..., help="tw_adamerging | lw_adamergi
     run(method, *_ctx(params, device))
 
 
-@app.command("extract-reference")
-@_stage
-def extract_reference(params: Path = ParamsOpt, device: str = DeviceOpt):
-    """Features of the pretrained (all tasks) and individual (own task) encoders -> features/."""
-    from stages.extract import extract_reference as run
-
-    run(*_ctx(params, device))
-
-
 @app.command()
 @_stage
-def extract(method: str = typer.Argument(..., help="a merge method"), params: Path = ParamsOpt,
-            device: str = DeviceOpt):
-    """Features of a merged encoder on every task -> features/METHOD/."""
-    from stages.extract import extract_merged
+def extract(encoders: list[str] = typer.Argument(None, help="pretrained, individual and/or merge methods "
+                                                             "(default: all of them)"),
+            params: Path = ParamsOpt, device: str = DeviceOpt,
+            scheduler: str = typer.Option(None, "--scheduler", help="address of a running Dask scheduler "
+                                          "(tcp://host:8786): its workers extract, this process finalises"),
+            workers: int = typer.Option(None, "--workers", min=1, help="start a local Dask cluster of N worker "
+                                        "processes (one per GPU)")):
+    """Features of every encoder on every task, each image decoded once -> features/<encoder>/."""
+    from stages.extract import extract_features
 
-    extract_merged(method, *_ctx(params, device))
+    extract_features(*_ctx(params, device), encoders or None, scheduler=scheduler, workers=workers)
 
 
 @app.command()
@@ -176,6 +172,25 @@ def evaluate(params: Path = ParamsOpt):
     from stages.evaluate import evaluate as run
 
     run(load_params(params))
+
+
+@app.command()
+@_stage
+def bench(params: Path = ParamsOpt, device: str = DeviceOpt,
+          method: str = typer.Option("ties_merging", help="the merged encoder surgery is timed on"),
+          steps: int = typer.Option(100, min=1, help="surgery steps of the live run, the cached run and each rank "
+                                    "of the sweep (the same on both sides)"),
+          stage_steps: int = typer.Option(None, min=1, help="steps of the batched vs sequential surgery "
+                                          "comparison (default: params surgery.steps)"),
+          rows: int = typer.Option(256, min=1, help="images per task for the extraction figures"),
+          adamerging_steps: int = typer.Option(2, min=1, help="timed AdaMerging steps per variant"),
+          quick: bool = typer.Option(False, "--quick", help="a few steps of everything (a smoke test)"),
+          out: Path = typer.Option(Path("results/bench.json"), "--out", help="where the figures go")):
+    """Time surgery, rank sweeps, extraction and AdaMerging against their alternatives -> results/bench.json."""
+    from stages.bench import run_bench
+
+    run_bench(*_ctx(params, device), method=method, steps=steps, stage_steps=stage_steps, rows=rows,
+              adamerging_steps=adamerging_steps, quick=quick, out=out)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ from stages.common import PRETRAINED, SPLIT, finetuned_path, merged_path, store_
 
 
 def fix_hint(encoder: str) -> str:
-    return "run `repsurgery extract-reference`" if encoder in ("pretrained", "individual") else \
-        f"run `repsurgery extract {encoder}`"
+    return f"run `repsurgery extract {encoder}` (or `dvc repro extract` for every encoder)"
 
 
 @functools.lru_cache(maxsize=1)

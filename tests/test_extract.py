@@ -1,0 +1,131 @@
+"""Extraction: one decode for every encoder, only stale stores recomputed, and a two-worker
+Dask cluster writing exactly the stores the single-process path writes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cache import open_store, open_writer
+from tests.conftest import BIN, cli, env, params_with, run
+
+ENCODERS = ["pretrained", "individual", "weight_averaging", "task_arithmetic", "ties_merging", "tw_adamerging",
+            "lw_adamerging"]
+
+
+def stores(project: Path) -> dict[str, Path]:
+    return {str(p.relative_to(project / "features")): p for p in sorted((project / "features").glob("*/*.zarr"))}
+
+
+def chunk_bytes(store: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(store)): f.read_bytes() for f in sorted((store / "features" / "c").rglob("*"))
+            if f.is_file()}
+
+
+def test_one_extract_stage_writes_every_encoders_stores(world):
+    got = stores(world)
+    assert {name.split("/")[0] for name in got} == set(ENCODERS)
+    assert len(got) == 3 * 6 + 3  # pretrained and 5 merged on every task, individual on its own
+    attrs = open_store(got["ties_merging/colors-test.zarr"]).attrs
+    assert {"encoder_fingerprint", "dataset_fingerprint", "preprocess", "n_rows", "dtype", "code_version",
+            "complete", "sha256"} <= set(attrs)
+
+
+def test_two_dask_workers_write_the_single_process_stores_byte_for_byte(world, tmp_path):
+    project = tmp_path / "copy"
+    shutil.copytree(world, project, symlinks=True)
+    shutil.rmtree(project / "features")
+    # One store was interrupted after its first chunk: the cluster must resume it, not restart it.
+    reference = open_store(world / "features" / "individual" / "digits-test.zarr")
+    resumed = project / "features" / "individual" / "digits-test.zarr"
+    writer = open_writer(resumed, n_rows=reference.n_rows, dim=reference.dim, chunk_rows=reference.chunk_rows,
+                         attrs={k: v for k, v in reference.attrs.items()
+                                if k not in ("n_rows", "dim", "dtype", "chunk_rows", "code_version",
+                                             "rows_written", "complete", "sha256")})
+    writer.write(0, reference.read(0, reference.chunk_rows))
+    done = cli(project, "extract", "--workers", "2", check=True)
+    assert "21 feature stores ready" in done.stdout
+    want, got = stores(world), stores(project)
+    assert list(got) == list(want)
+    for name, path in want.items():
+        assert open_store(got[name], deep=True).attrs == open_store(path).attrs, name
+        assert chunk_bytes(got[name]) == chunk_bytes(path), name
+    assert not list(project.glob("features/*/*.partial"))
+
+
+def test_changing_one_merge_recomputes_only_that_methods_stores(world, tmp_path):
+    project = tmp_path / "copy"
+    shutil.copytree(world, project, symlinks=True)
+    before = {name: json.loads((p / "zarr.json").read_text())["attributes"] for name, p in stores(project).items()}
+    done = run([str(BIN / "dvc"), "exp", "run", "-S", "merge.ties_merging.k=50"], project)
+    ran = {line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"merge@ties_merging", "extract", "surgery@ties_merging", "evaluate"}, done.stdout
+    assert "extract: 3 feature stores to compute (ties_merging), 18 up to date" in done.stdout
+    after = {name: json.loads((p / "zarr.json").read_text())["attributes"] for name, p in stores(project).items()}
+    assert set(after) == set(before)
+    for name in before:
+        changed = after[name]["encoder_fingerprint"] != before[name]["encoder_fingerprint"]
+        assert changed == name.startswith("ties_merging/"), name
+    merged = open_store(project / "features" / "ties_merging" / "digits-test.zarr", deep=True).to_numpy()
+    assert not np.array_equal(merged, open_store(world / "features" / "ties_merging" / "digits-test.zarr").to_numpy())
+
+
+def test_unknown_encoder_is_refused(world):
+    done = cli(world, "extract", "fisher")
+    assert done.returncode == 1
+    assert "unknown encoder 'fisher'" in done.stderr and "ties_merging" in done.stderr
+
+
+def _partial_progress(project: Path) -> list[int]:
+    rows = []
+    for attrs in project.glob("features/*/*.zarr.partial/zarr.json"):
+        try:
+            rows.append(json.loads(attrs.read_text())["attributes"]["rows_written"])
+        except (OSError, ValueError, KeyError):
+            pass  # being written right now
+    return rows
+
+
+def test_sigkilled_extract_command_resumes_to_the_uninterrupted_stores(world, tmp_path):
+    fresh, killed = tmp_path / "fresh", tmp_path / "killed"
+    for project in (fresh, killed):
+        shutil.copytree(world, project, symlinks=True)
+        shutil.rmtree(project / "features")
+        params_with(project, project / "params.yaml", extract__batch_size=16)  # more chunks to be killed between
+    cli(fresh, "extract", check=True)
+    child = subprocess.Popen([str(BIN / "repsurgery"), "extract"], cwd=killed, env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(_partial_progress(killed)) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL, child.stderr.read()
+    interrupted = _partial_progress(killed)
+    assert interrupted and all(rows < 80 for rows in interrupted) and len(stores(killed)) < 21
+    done = cli(killed, "surgery", "ties_merging")  # nothing half-written is trusted meanwhile
+    assert done.returncode == 1 and "repsurgery extract" in done.stderr
+    cli(killed, "extract", check=True)
+    want, got = stores(fresh), stores(killed)
+    assert list(got) == list(want) and not list(killed.glob("features/*/*.partial"))
+    for name, path in want.items():
+        assert open_store(got[name], deep=True).attrs == open_store(path).attrs, name
+        assert chunk_bytes(got[name]) == chunk_bytes(path), name
+
+
+def test_truncated_store_is_refused_by_the_stages_that_read_it(world, tmp_path):
+    project = tmp_path / "copy"
+    shutil.copytree(world, project, symlinks=True)
+    store = project / "features" / "individual" / "colors-test.zarr"
+    next(f for f in (store / "features" / "c").rglob("*") if f.is_file()).unlink()
+    done = cli(project, "evaluate")
+    assert done.returncode == 1
+    assert "colors-test.zarr is truncated" in done.stderr and "repsurgery extract individual" in done.stderr
