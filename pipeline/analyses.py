@@ -96,10 +96,12 @@ def online_counts(n: int, fractions: list[float]) -> list[int]:
 
 def online(data: TaskSet, *, rank: int, lr: float, loss: str, seed: int, fractions: list[float],
            progress: Callable = lambda it, **kw: it, visit: Callable[[int, int], None] | None = None) -> dict:
-    """Table 5: online surgery. Tasks arrive one after another; within a task the test samples
-    arrive in a seeded random order, one at a time (batch 1), and each is used for exactly one
-    Adam step. Each task has its own optimiser, as in the batched trainer, and the adapters
-    start from the same initialisation as `Surgery(T, d, rank, seed)`.
+    """Table 5: online surgery. A task's test samples arrive in a seeded random order, one at a
+    time (batch 1), and each is used for exactly one Adam step. Each task has its own adapter
+    and optimiser (as in the batched trainer), starting from `Surgery(T, d, rank, seed)`'s
+    initialisation, so training the tasks one after another or side by side is the same
+    computation: tasks with equally many samples are stepped side by side as one batched
+    problem (the sum of per-task losses gives each adapter only its own gradient).
 
     Returns {fraction: accuracy per task}, each task evaluated on its full test set after it
     has seen that fraction of its samples. `visit(task, row)` is told every sample used.
@@ -107,27 +109,37 @@ def online(data: TaskSet, *, rank: int, lr: float, loss: str, seed: int, fractio
     criterion = loss_fn(loss)
     init = Surgery(len(data.merged), data.merged[0].shape[1], rank, seed)
     generator = torch.Generator().manual_seed(seed + 1)
+    orders = [torch.randperm(len(z), generator=generator) for z in data.merged]
     out = {f: [0.0] * len(data.merged) for f in fractions}
-    for t, (z, target) in enumerate(zip(data.merged, data.individual)):
-        down = init.down[t].detach().clone().requires_grad_()
-        up = init.up[t].detach().clone().requires_grad_()
+    groups: dict[int, list[int]] = {}
+    for t, z in enumerate(data.merged):
+        groups.setdefault(len(z), []).append(t)
+    for n, lanes in groups.items():
+        down = init.down[lanes].detach().clone().requires_grad_()
+        up = init.up[lanes].detach().clone().requires_grad_()
         optimiser = torch.optim.Adam([down, up], lr=lr, betas=(0.9, 0.999))
-        order = torch.randperm(len(z), generator=generator)
-        checkpoints = dict(zip(online_counts(len(z), fractions), fractions))
+        z = torch.stack([data.merged[t] for t in lanes]).float()       # (L, n, d)
+        target = torch.stack([data.individual[t] for t in lanes]).float()
+        order = torch.stack([orders[t] for t in lanes], 1)               # (n, L)
+        lane = torch.arange(len(lanes))
+        counts = online_counts(n, fractions)
+        adapt = lambda x: x - torch.bmm(F.relu(torch.bmm(x, down.transpose(1, 2))), up.transpose(1, 2))  # noqa: E731
         at = {}
-        for seen, row in enumerate(progress(order.tolist(), desc=f"online task {t + 1}/{len(data.merged)}",
-                                            unit="sample", leave=False), start=1):
+        for seen in progress(range(1, n + 1), desc=f"online, {len(lanes)} task(s) of {n} samples", unit="sample",
+                             leave=False):
+            rows = order[seen - 1]
             if visit is not None:
-                visit(t, row)
-            x = z[row:row + 1].unsqueeze(0)
-            value = criterion(x - F.relu(x @ down.T) @ up.T, target[row:row + 1].unsqueeze(0))
+                for l, t in enumerate(lanes):
+                    visit(t, int(rows[l]))
+            value = criterion(adapt(z[lane, rows].unsqueeze(1)), target[lane, rows].unsqueeze(1))
             optimiser.zero_grad(set_to_none=True)
             value.backward()
             optimiser.step()
-            if seen in checkpoints:
+            if seen in counts:
                 with torch.no_grad():
-                    adapted = z - F.relu(z @ down.T) @ up.T
-                at[seen] = metrics.accuracy(adapted, data.heads[t], data.labels[t])
-        for count, fraction in zip(online_counts(len(z), fractions), fractions):
-            out[fraction][t] = at[count]
+                    adapted = adapt(z)
+                at[seen] = [metrics.accuracy(adapted[l], data.heads[t], data.labels[t]) for l, t in enumerate(lanes)]
+        for count, fraction in zip(counts, fractions):
+            for l, t in enumerate(lanes):
+                out[fraction][t] = at[count][l]
     return out

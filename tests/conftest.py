@@ -29,7 +29,7 @@ TINY = {
     "mtl": {"steps": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 0.1, "warmup": 2},
     "analyses": {"rank": {"ranks": [2, 4]}, "loss": {"losses": ["l1", "cosine"]},
                  "data_ratio": {"ratios": [0.1, 1.0], "seed": 0}, "online": {"checkpoints": [0.1, 0.5, 1.0], "seed": 0},
-                 "curve": {"eval_every": 20}, "tsne": {"methods": ["ties_merging"], "samples": 30, "perplexity": 10,
+                 "curve": {"eval_every": 20}, "tsne": {"methods": ["task_arithmetic"], "samples": 30, "perplexity": 10,
                                                        "seed": 0}},
 }
 
