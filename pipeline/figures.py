@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+matplotlib.rcParams["svg.hashsalt"] = "repsurgery"  # fixed SVG element ids: reruns write identical files
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
