@@ -193,5 +193,26 @@ def bench(params: Path = ParamsOpt, device: str = DeviceOpt,
               adamerging_steps=adamerging_steps, quick=quick, out=out)
 
 
+@app.command()
+@_stage
+def mtl(params: Path = ParamsOpt, device: str = DeviceOpt):
+    """Miniature world: Traditional MTL, one encoder trained on all tasks -> models/mtl/, features/mtl/."""
+    from stages.mtl import build_mtl
+
+    build_mtl(*_ctx(params, device))
+
+
+@app.command()
+@_stage
+def analyze(name: str = typer.Argument(..., help="baselines | rank | loss | data-ratio | online | curve | bias | "
+                                                 "tsne | all"),
+            params: Path = ParamsOpt, device: str = DeviceOpt):
+    """One of the paper's analyses on cached features -> results/analyses/NAME/ (table.csv, table.md,
+    plot.csv, figure.png/.svg)."""
+    from stages.analyses import analyze as run
+
+    run(name, *_ctx(params, device))
+
+
 if __name__ == "__main__":
     app()

@@ -40,6 +40,11 @@ def load_params(path: Path | str = "params.yaml") -> dict[str, Any]:
     return params
 
 
+def is_world(params: dict) -> bool:
+    """True for the miniature world, False when params `source` names real models and data."""
+    return params.get("source", "world") == "world"
+
+
 def check_method(method: str, allowed: tuple[str, ...] = METHODS) -> str:
     if method not in allowed:
         raise PipelineError(f"unknown merge method {method!r}: choose one of {', '.join(allowed)}")

@@ -18,14 +18,10 @@ from pipeline.convert import to_canonical
 from pipeline.errors import PipelineError
 from pipeline.importing import import_split
 from stages import world
-from stages.common import DATA, PRETRAINED, SPLIT, finetuned_path, progress
+from stages.common import DATA, PRETRAINED, SPLIT, finetuned_path, is_world, progress
 
 SOURCE_KEYS = {"cache", "pretrained", "finetuned", "datasets", "classnames", "templates"}
 DEFAULT_CACHE = "~/.cache/repsurgery"
-
-
-def is_world(params: dict) -> bool:
-    return params.get("source", "world") == "world"
 
 
 def source(params: dict) -> dict:

@@ -28,7 +28,7 @@ def build_data(params: dict) -> None:
     print(f"wrote {len(params['tasks'])} tasks under {DATA}/")
 
 
-def _train_images(task: str, spec: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def train_images(task: str, spec: dict) -> tuple[torch.Tensor, torch.Tensor]:
     dataset = data.ImageDataset(DATA, task, "train", clip_model.preprocess_for(spec))
     return torch.cat(list(data.loader(dataset, 1024))), torch.as_tensor(dataset.labels)
 
@@ -48,7 +48,7 @@ def build_pretrained(params: dict, device: torch.device) -> None:
     }
     torch.manual_seed(world["seed"])
     model = clip_model.build_clip(spec)
-    loaded = [_train_images(t, spec) for t in progress(names, desc="decode train images", unit="task")]
+    loaded = [train_images(t, spec) for t in progress(names, desc="decode train images", unit="task")]
     curve = pretrain(
         model, tokenizer, [x for x, _ in loaded], [y for _, y in loaded], captions, steps=cfg["steps"],
         batch_size=cfg["batch_size"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], seed=world["seed"],
@@ -66,7 +66,7 @@ def build_finetuned(params: dict, device: torch.device) -> None:
     model, spec = clip_model.load_clip(PRETRAINED)
     heads = load_file(str(HEADS))
     for i, task in enumerate(tasks(params)):
-        x, y = _train_images(task, spec)
+        x, y = train_images(task, spec)
         state = finetune(model.visual, heads[task], x, y, steps=cfg["steps"], batch_size=cfg["batch_size"],
                          lr=cfg["lr"], weight_decay=cfg["weight_decay"], warmup=cfg["warmup"],
                          seed=params["world"]["seed"] + i, device=device,

@@ -27,6 +27,11 @@ TINY = {
                    for m in ("tw_adamerging", "lw_adamerging")},
     "extract": {"batch_size": 32, "dtype": "float32", "autocast": "none"},
     "surgery": {"rank": 4, "lr": 0.001, "steps": 60, "batch_size": 16, "loss": "l1", "seed": 0},
+    "mtl": {"steps": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 0.1, "warmup": 2},
+    "analyses": {"rank": {"ranks": [2, 4]}, "loss": {"losses": ["l1", "cosine"]},
+                 "data_ratio": {"ratios": [0.1, 1.0], "seed": 0}, "online": {"checkpoints": [0.1, 0.5, 1.0], "seed": 0},
+                 "curve": {"eval_every": 20}, "tsne": {"methods": ["task_arithmetic"], "samples": 30, "perplexity": 10,
+                                                       "seed": 0}},
 }
 
 

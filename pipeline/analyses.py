@@ -1,0 +1,145 @@
+"""The paper's surgery analyses on cached features: sweeps of one setting (rank, loss), the
+available-data ratio (Table 4), online surgery (Table 5) and accuracy against training steps
+(Fig. 7/9). Pure functions over in-memory feature tensors; they reuse the batched trainer of
+`pipeline.surgery`, so a sweep point with the pipeline's settings equals the pipeline's run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import metrics
+from pipeline.errors import PipelineError
+from pipeline.surgery import Surgery, loss_fn, train
+
+
+@dataclass
+class TaskSet:
+    """One merge method's cached features for every task, plus what evaluation needs."""
+    merged: list[torch.Tensor]      # (N_t, d) per task
+    individual: list[torch.Tensor]  # (N_t, d) per task: surgery's target
+    heads: list[torch.Tensor]       # zero-shot head per task
+    labels: list[np.ndarray]        # test labels per task (evaluation only, never training)
+
+
+def accuracies(data: TaskSet, module: Surgery | None = None) -> list[float]:
+    """Top-1 accuracy (%) per task on the full test features, with `module`'s surgery if given."""
+    out = []
+    for t, (z, head, labels) in enumerate(zip(data.merged, data.heads, data.labels)):
+        if module is not None:
+            with torch.no_grad():
+                z = module(z.to(module.down.device), t).cpu()
+        out.append(metrics.accuracy(z, head, labels))
+    return out
+
+
+def surgery_accuracies(data: TaskSet, settings: dict) -> list[float]:
+    """Train surgery with `settings` (rank, lr, steps, batch_size, loss, seed) and evaluate it."""
+    module, _ = train(data.merged, data.individual, **settings)
+    return accuracies(data, module)
+
+
+def sweep(data: TaskSet, base: dict, key: str, values: list) -> dict:
+    """Accuracy per task for each value of one surgery setting, the others fixed at `base`."""
+    if key not in base:
+        raise PipelineError(f"cannot sweep {key!r}: not a surgery setting ({', '.join(base)})")
+    return {value: surgery_accuracies(data, {**base, key: value}) for value in values}
+
+
+def subset_rows(n: int, ratio: float, seed: int) -> torch.Tensor:
+    """The rows surgery may see at a given data ratio: a seeded random subset of
+    max(1, round(ratio * n)) rows, sorted; the same seed gives nested subsets for growing ratios."""
+    if not 0 < ratio <= 1:
+        raise PipelineError(f"data ratio must be in (0, 1], got {ratio}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[:max(1, round(ratio * n))].sort().values
+
+
+def data_ratio(data: TaskSet, base: dict, ratios: list[float], seed: int) -> dict:
+    """Table 4: surgery trained on a fraction of each task's test images, evaluated on all of them."""
+    out = {}
+    for ratio in ratios:
+        rows = [subset_rows(len(z), ratio, seed + t) for t, z in enumerate(data.merged)]
+        seen = TaskSet([z[r] for z, r in zip(data.merged, rows)], [z[r] for z, r in zip(data.individual, rows)],
+                       data.heads, data.labels)
+        module, _ = train(seen.merged, seen.individual, **base)
+        out[ratio] = accuracies(data, module)
+    return out
+
+
+def curve(data: TaskSet, base: dict, eval_every: int) -> dict[int, list[float]]:
+    """Fig. 7/9: accuracy per task every `eval_every` steps of one ordinary surgery run
+    (step 0 = no surgery; the last step always included, equal to the final model's accuracy)."""
+    if eval_every <= 0:
+        raise PipelineError(f"analyses.curve.eval_every must be a positive integer, got {eval_every}")
+    points = {0: accuracies(data)}
+
+    def on_step(step: int, module: Surgery) -> None:
+        if step % eval_every == 0 or step == base["steps"]:
+            points[step] = accuracies(data, module)
+
+    train(data.merged, data.individual, on_step=on_step, **base)
+    return points
+
+
+def online_counts(n: int, fractions: list[float]) -> list[int]:
+    """Samples seen at each checkpoint fraction of a task's n samples (at least one)."""
+    if any(not 0 < f <= 1 for f in fractions):
+        raise PipelineError(f"online checkpoints must be fractions in (0, 1], got {fractions}")
+    return [max(1, math.ceil(f * n - 1e-9)) for f in fractions]
+
+
+def online(data: TaskSet, *, rank: int, lr: float, loss: str, seed: int, fractions: list[float],
+           progress: Callable = lambda it, **kw: it, visit: Callable[[int, int], None] | None = None) -> dict:
+    """Table 5: online surgery. A task's test samples arrive in a seeded random order, one at a
+    time (batch 1), and each is used for exactly one Adam step. Each task has its own adapter
+    and optimiser (as in the batched trainer), starting from `Surgery(T, d, rank, seed)`'s
+    initialisation, so training the tasks one after another or side by side is the same
+    computation: tasks with equally many samples are stepped side by side as one batched
+    problem (the sum of per-task losses gives each adapter only its own gradient).
+
+    Returns {fraction: accuracy per task}, each task evaluated on its full test set after it
+    has seen that fraction of its samples. `visit(task, row)` is told every sample used.
+    """
+    criterion = loss_fn(loss)
+    init = Surgery(len(data.merged), data.merged[0].shape[1], rank, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    orders = [torch.randperm(len(z), generator=generator) for z in data.merged]
+    out = {f: [0.0] * len(data.merged) for f in fractions}
+    groups: dict[int, list[int]] = {}
+    for t, z in enumerate(data.merged):
+        groups.setdefault(len(z), []).append(t)
+    for n, lanes in groups.items():
+        down = init.down[lanes].detach().clone().requires_grad_()
+        up = init.up[lanes].detach().clone().requires_grad_()
+        optimiser = torch.optim.Adam([down, up], lr=lr, betas=(0.9, 0.999))
+        z = torch.stack([data.merged[t] for t in lanes]).float()       # (L, n, d)
+        target = torch.stack([data.individual[t] for t in lanes]).float()
+        order = torch.stack([orders[t] for t in lanes], 1)               # (n, L)
+        lane = torch.arange(len(lanes))
+        counts = online_counts(n, fractions)
+        adapt = lambda x: x - torch.bmm(F.relu(torch.bmm(x, down.transpose(1, 2))), up.transpose(1, 2))  # noqa: E731
+        at = {}
+        for seen in progress(range(1, n + 1), desc=f"online, {len(lanes)} task(s) of {n} samples", unit="sample",
+                             leave=False):
+            rows = order[seen - 1]
+            if visit is not None:
+                for l, t in enumerate(lanes):
+                    visit(t, int(rows[l]))
+            value = criterion(adapt(z[lane, rows].unsqueeze(1)), target[lane, rows].unsqueeze(1))
+            optimiser.zero_grad(set_to_none=True)
+            value.backward()
+            optimiser.step()
+            if seen in counts:
+                with torch.no_grad():
+                    adapted = adapt(z)
+                at[seen] = [metrics.accuracy(adapted[l], data.heads[t], data.labels[t]) for l, t in enumerate(lanes)]
+        for count, fraction in zip(counts, fractions):
+            for l, t in enumerate(lanes):
+                out[fraction][t] = at[count][l]
+    return out

@@ -1,0 +1,149 @@
+"""The analyses on the tiny world: every `repsurgery analyze NAME` ran inside the fixture's
+`dvc repro`; here we check their tables, plots and figures, and that they agree with the
+pipeline's own surgery where their settings coincide."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import BIN, TINY, cli, env
+
+METHODS = ["weight_averaging", "task_arithmetic", "ties_merging", "tw_adamerging", "lw_adamerging"]
+TASKS = TINY["tasks"]
+BASELINES = ["pretrained", "individual", "mtl"]
+SETTINGS = {
+    "rank": [f"r={r}" for r in TINY["analyses"]["rank"]["ranks"]],
+    "loss": ["L1", "Neg. cosine"],
+    "data-ratio": ["10%", "100%"],
+    "online": ["online 10%", "online 50%", "online 100%"],
+}
+
+
+def read(world, name: str) -> list[dict]:
+    with open(world / "results" / "analyses" / name / "table.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def cell(rows, method, setting, column="avg") -> float:
+    return float(next(r for r in rows if r["method"] == method and r["setting"] == setting)[column])
+
+
+@pytest.mark.parametrize("name", ["rank", "loss", "data-ratio", "online"])
+def test_sweep_tables_have_baselines_then_each_method_without_and_with_every_setting(world, name):
+    rows = read(world, name)
+    assert list(rows[0]) == ["method", "setting", *TASKS, "avg"]
+    expected = [(b, "") for b in BASELINES] + [(m, s) for m in METHODS for s in ["", *SETTINGS[name]]]
+    assert [(r["method"], r["setting"]) for r in rows] == expected
+    md = (world / "results" / "analyses" / name / "table.md").read_text().splitlines()
+    assert md[0] == "| method | Digits | Colors | Positions | Avg |" and len(md) == 2 + len(rows)
+    assert "| Traditional MTL |" in "\n".join(md)
+    with open(world / "results" / "analyses" / name / "plot.csv") as handle:
+        plot = list(csv.DictReader(handle))
+    assert len(plot) == len(SETTINGS[name]) and set(METHODS) <= set(plot[0])
+    for suffix in ("png", "svg"):
+        assert (world / "results" / "analyses" / name / f"figure.{suffix}").stat().st_size > 1000
+
+
+def test_sweeps_reproduce_the_pipelines_surgery_at_its_own_settings(world):
+    """r=4, L1, 100% of the data and the curve's last step are exactly the pipeline's surgery."""
+    metrics = json.loads((world / "results" / "metrics.json").read_text())
+    rank, ratio, loss = read(world, "rank"), read(world, "data-ratio"), read(world, "loss")
+    curve, steps = read(world, "curve"), TINY["surgery"]["steps"]
+    for method in METHODS:
+        for task in TASKS:
+            expected = metrics[method]["surgery_acc"][task]
+            assert cell(rank, method, f"r={TINY['surgery']['rank']}", task) == pytest.approx(expected, abs=0.01)
+            assert cell(loss, method, "L1", task) == pytest.approx(expected, abs=0.01)
+            assert cell(ratio, method, "100%", task) == pytest.approx(expected, abs=0.01)
+            assert cell(curve, method, f"step {steps}", task) == pytest.approx(expected, abs=0.01)
+            assert cell(curve, method, "step 0", task) == pytest.approx(metrics[method]["acc"][task], abs=0.01)
+            assert cell(rank, method, "", task) == pytest.approx(metrics[method]["acc"][task], abs=0.01)
+
+
+def test_curve_is_evaluated_every_n_steps(world):
+    rows = read(world, "curve")
+    every, steps = TINY["analyses"]["curve"]["eval_every"], TINY["surgery"]["steps"]
+    expected = [f"step {s}" for s in range(0, steps + 1, every)]
+    assert [r["setting"] for r in rows if r["method"] == "ties_merging"] == expected
+
+
+def test_baselines_match_the_evaluation_and_mtl_is_a_real_encoder(world):
+    metrics = json.loads((world / "results" / "metrics.json").read_text())
+    rows = read(world, "baselines")
+    assert [r["method"] for r in rows] == BASELINES
+    for base in ("pretrained", "individual"):
+        assert cell(rows, base, "") == pytest.approx(metrics[base]["acc"]["avg"], abs=0.01)
+    assert len(list((world / "features" / "mtl").glob("*-test.zarr"))) == len(TASKS)
+    assert (world / "models" / "mtl" / "encoder.safetensors").exists()
+
+
+def test_bias_table_is_eq1_without_and_with_surgery_per_task(world):
+    metrics = json.loads((world / "results" / "metrics.json").read_text())
+    rows = read(world, "bias")
+    assert [(r["method"], r["setting"]) for r in rows] == [(m, s) for m in METHODS for s in ("", "surgery")]
+    for method in METHODS:
+        for task in TASKS:
+            assert cell(rows, method, "", task) == pytest.approx(metrics[method]["bias"][task], abs=1e-4)
+            assert cell(rows, method, "surgery", task) == pytest.approx(metrics[method]["surgery_bias"][task],
+                                                                       abs=1e-4)
+    assert (world / "results" / "analyses" / "bias" / "figure.png").exists()
+
+
+def test_tsne_draws_every_task_without_and_with_surgery(world):
+    out = world / "results" / "analyses" / "tsne"
+    assert (out / "task_arithmetic.png").stat().st_size > 1000 and (out / "task_arithmetic.svg").exists()
+    with open(out / "panels.csv") as handle:
+        panels = list(csv.DictReader(handle))
+    assert [(p["task"], p["variant"]) for p in panels] == [(t, v) for t in TASKS for v in ("merged", "merged + surgery")]
+    assert all(int(p["points"]) == 2 * TINY["analyses"]["tsne"]["samples"] for p in panels)
+
+
+def test_dvc_plots_are_declared_and_render(world, tmp_path):
+    done = subprocess.run([str(BIN / "dvc"), "plots", "show", "-o", str(tmp_path / "plots"),
+                           "--json"], cwd=world, env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    titles = list(shown["data"])
+    for paper in ("Table 8", "Table 9", "Table 4", "Table 5", "Fig. 7", "Fig. 2"):
+        plot = next(t for t in titles if paper in t)
+        values = shown["data"][plot][0]["content"]["data"]["values"]
+        assert {v["field"] for v in values} >= set(METHODS), plot
+    assert sum(t.endswith(".png") for t in titles) == 4
+
+
+def test_analyses_run_on_cached_features_without_any_encoder_code(world, tmp_path):
+    """`analyze rank` with open_clip made unimportable: no encoder can have run."""
+    project = tmp_path / "copy"
+    shutil.copytree(world, project, symlinks=True)
+    code = ("import sys, importlib.abc\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, *a):\n"
+            "        if name.split('.')[0] in ('open_clip', 'torchvision'): raise ImportError('blocked ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from stages.cli import app\n"
+            "sys.argv = ['repsurgery', 'analyze', 'rank']\n"
+            "app()\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=project, env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "analysis rank:" in done.stdout
+    assert read(project, "rank") == read(world, "rank")  # deterministic, too
+    for name in ("figure.png", "figure.svg", "plot.csv"):
+        assert (project / "results/analyses/rank" / name).read_bytes() == \
+            (world / "results/analyses/rank" / name).read_bytes(), name
+
+
+def test_unknown_analysis_and_bad_settings_are_refused(world, tmp_path):
+    done = cli(world, "analyze", "fig99")
+    assert done.returncode == 1 and "unknown analysis 'fig99'" in done.stderr and "data-ratio" in done.stderr
+    params = dict(TINY, analyses={**TINY["analyses"], "loss": {"losses": ["l1", "hinge"]}})
+    import yaml
+
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    done = cli(world, "analyze", "loss", "--params", str(tmp_path / "p.yaml"))
+    assert done.returncode == 1 and "unknown loss(es) ['hinge']" in done.stderr

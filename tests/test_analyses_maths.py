@@ -1,0 +1,123 @@
+"""The analyses' maths on synthetic features: subsets, online surgery, curves, sweeps, tables."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline import analyses, tables, tsne
+from pipeline.errors import PipelineError
+from pipeline.surgery import train
+
+
+def _taskset(n=(60, 40), d=12, classes=4, seed=0) -> analyses.TaskSet:
+    g = torch.Generator().manual_seed(seed)
+    individual = [torch.randn(k, d, generator=g) for k in n]
+    merged = [x + 0.6 * torch.randn(d, generator=g) + 0.3 * x.relu() for x in individual]
+    heads = [torch.randn(classes, d, generator=g) for _ in n]
+    labels = [(x @ h.T).argmax(1).numpy() for x, h in zip(individual, heads)]
+    return analyses.TaskSet(merged, individual, heads, labels)
+
+
+BASE = {"rank": 4, "lr": 1e-2, "steps": 30, "batch_size": 8, "loss": "l1", "seed": 0}
+
+
+def test_data_ratio_subset_is_seeded_sized_and_nested():
+    a = analyses.subset_rows(1000, 0.05, seed=3)
+    assert len(a) == 50 and len(set(a.tolist())) == 50 and torch.equal(a, a.sort().values)
+    assert torch.equal(a, analyses.subset_rows(1000, 0.05, seed=3))
+    assert not torch.equal(a, analyses.subset_rows(1000, 0.05, seed=4))
+    assert set(analyses.subset_rows(1000, 0.01, 3).tolist()) <= set(a.tolist())
+    assert len(analyses.subset_rows(80, 0.01, 0)) == 1
+    assert torch.equal(analyses.subset_rows(80, 1.0, 0), torch.arange(80))
+    with pytest.raises(PipelineError, match="data ratio"):
+        analyses.subset_rows(10, 0.0, 0)
+
+
+def test_data_ratio_trains_on_the_subset_and_evaluates_on_everything():
+    data = _taskset()
+    full = analyses.data_ratio(data, BASE, [1.0], seed=0)[1.0]
+    assert full == pytest.approx(analyses.surgery_accuracies(data, BASE))
+    small = analyses.data_ratio(data, BASE, [0.1], seed=0)[0.1]
+    rows = [analyses.subset_rows(len(z), 0.1, t) for t, z in enumerate(data.merged)]
+    module, _ = train([z[r] for z, r in zip(data.merged, rows)], [z[r] for z, r in zip(data.individual, rows)], **BASE)
+    assert small == pytest.approx(analyses.accuracies(data, module))  # trained on 10%, scored on 100%
+    assert small != full
+
+
+def test_online_uses_every_sample_exactly_once():
+    data = _taskset(n=(60, 40, 60))
+    seen = []
+    analyses.online(data, rank=4, lr=1e-3, loss="l1", seed=0, fractions=[0.5, 1.0],
+                    visit=lambda t, row: seen.append((t, row)))
+    for t, z in enumerate(data.merged):
+        rows = [r for task, r in seen if task == t]
+        assert sorted(rows) == list(range(len(z)))  # each sample once
+        assert rows != sorted(rows)  # in a seeded random order
+
+
+def test_online_tasks_are_independent_so_order_of_tasks_does_not_matter():
+    data = _taskset(n=(30, 30, 20))
+    together = analyses.online(data, rank=4, lr=1e-2, loss="l1", seed=0, fractions=[0.5, 1.0])
+    alone = analyses.online(analyses.TaskSet(data.merged[:1], data.individual[:1], data.heads[:1], data.labels[:1]),
+                            rank=4, lr=1e-2, loss="l1", seed=0, fractions=[0.5, 1.0])
+    assert together[0.5][0] == pytest.approx(alone[0.5][0]) and together[1.0][0] == pytest.approx(alone[1.0][0])
+
+
+def test_online_with_batch_one_matches_the_batched_trainer_at_batch_one():
+    """One pass of batch-1 steps equals the batched trainer run for N steps at batch 1 on
+    the same order: the online loop is ordinary surgery, not a different algorithm."""
+    data = _taskset(n=(20,))
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(1))
+    acc = analyses.online(data, rank=3, lr=1e-2, loss="mse", seed=0, fractions=[1.0])[1.0]
+    permuted = analyses.TaskSet([data.merged[0][order]], [data.individual[0][order]], data.heads, data.labels)
+    import pipeline.surgery as surgery
+
+    original = surgery.batch_indices
+    surgery.batch_indices = lambda sizes, b, steps, seed: torch.arange(steps).view(steps, 1, 1)
+    try:
+        module, _ = train(permuted.merged, permuted.individual, rank=3, lr=1e-2, steps=20, batch_size=1, loss="mse")
+    finally:
+        surgery.batch_indices = original
+    assert acc == pytest.approx(analyses.accuracies(data, module))
+
+
+def test_online_checkpoint_counts():
+    assert analyses.online_counts(1000, [0.01, 0.1, 1.0]) == [10, 100, 1000]
+    assert analyses.online_counts(80, [0.01, 0.3]) == [1, 24]
+    with pytest.raises(PipelineError):
+        analyses.online_counts(10, [1.5])
+
+
+def test_curve_starts_without_surgery_and_ends_at_the_normal_runs_accuracy():
+    data = _taskset()
+    points = analyses.curve(data, BASE, eval_every=7)
+    assert sorted(points) == [0, 7, 14, 21, 28, 30]
+    assert points[0] == analyses.accuracies(data)
+    assert points[30] == pytest.approx(analyses.surgery_accuracies(data, BASE))
+
+
+def test_sweep_point_with_the_base_settings_is_the_base_run():
+    data = _taskset()
+    swept = analyses.sweep(data, BASE, "rank", [2, 4])
+    assert swept[4] == pytest.approx(analyses.surgery_accuracies(data, BASE))
+    with pytest.raises(PipelineError, match="cannot sweep"):
+        analyses.sweep(data, BASE, "depth", [1])
+
+
+def test_tables_have_the_papers_layout():
+    rows = [tables.row("individual", "", ["a", "b"], [50.0, 70.0]),
+            tables.row("task_arithmetic", "r=4", ["a", "b"], [40.0, 41.0])]
+    md = tables.to_markdown(rows, ["a", "b"])
+    assert md.splitlines()[0] == "| method | A | B | Avg |"
+    assert "| Task Arithmetic (r=4) | 40.0 | 41.0 | 40.5 |" in md
+    assert tables.to_csv(rows).splitlines()[0] == "method,setting,a,b,avg"
+    assert tables.wide(rows, "rank", {"r=4": 4}) == [{"rank": 4, "task_arithmetic": 40.5}]
+
+
+def test_tsne_sample_is_seeded_and_embeds_both_sets():
+    rows = tsne.sample_rows(100, 30, seed=0)
+    assert len(rows) == 30 and np.array_equal(rows, tsne.sample_rows(100, 30, seed=0))
+    a, b = tsne.embed(np.random.default_rng(0).normal(size=(30, 8)), np.random.default_rng(1).normal(size=(30, 8)),
+                      perplexity=5, seed=0)
+    assert a.shape == b.shape == (30, 2)
+    with pytest.raises(PipelineError, match="perplexity"):
+        tsne.embed(np.zeros((3, 2)), np.zeros((3, 2)), perplexity=10, seed=0)
