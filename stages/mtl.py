@@ -3,6 +3,7 @@ Trains one encoder jointly on all tasks, then caches its test features once, lik
 other encoder, so the analyses read its accuracy from features/mtl/ without running it."""
 from __future__ import annotations
 
+import functools
 import json
 
 import torch
@@ -12,10 +13,11 @@ from cache import FeatureStore, open_store
 from pipeline import clip_model, data
 from pipeline.checkpoints import read_metadata, save_state
 from pipeline.errors import PipelineError
-from pipeline.extraction import Target, extract
+from pipeline.extraction import Job, Ref, Target, extract
 from pipeline.world.mtl import train_multitask
 from stages.common import (DATA, HEADS, MODELS, PRETRAINED, SPLIT, is_world, progress, store_path, tasks,
                            write_json)
+from stages.extract import AUTOCAST, build_dataset, build_encoder
 from stages.world import train_images
 
 MTL = MODELS / "mtl"
@@ -42,17 +44,20 @@ def build_mtl(params: dict, device: torch.device) -> None:
     fp = save_state(MTL_ENCODER, state, tasks=json.dumps(names))
     write_json(MTL / "train.json", {"tasks": names, "steps": cfg["steps"], "loss_first": curve[0],
                                     "loss_last": sum(curve[-10:]) / len(curve[-10:])})
-    encoder = model.visual
-    encoder.load_state_dict(state)
+    encoder_ref = Ref(f"encoder:{fp}", functools.partial(build_encoder, str(PRETRAINED.resolve()),
+                                                         str(MTL_ENCODER.resolve())))
+    jobs = []
     for task in names:
-        dataset = data.ImageDataset(DATA, task, SPLIT, clip_model.preprocess_for(spec))
-        attrs = {"encoder_fingerprint": fp, "task": task, "split": SPLIT,
-                 "dataset_fingerprint": data.dataset_fingerprint(DATA, task, SPLIT),
+        data_fp = data.dataset_fingerprint(DATA, task, SPLIT)
+        attrs = {"encoder_fingerprint": fp, "task": task, "split": SPLIT, "dataset_fingerprint": data_fp,
                  "preprocess": spec.get("preprocess") or spec.get("arch")}
-        ext = params["extract"]
-        extract([Target(encoder, store_path("mtl", task), attrs)], dataset, batch_size=ext["batch_size"],
-                device=device, dtype=ext["dtype"], fix_hint=FIX_HINT,
-                progress=lambda it, **kw: progress(it, desc=f"extract mtl {task}", unit="batch", **kw))
+        dataset = Ref(f"data:{data_fp}", functools.partial(build_dataset, str(DATA.resolve()), task, SPLIT,
+                                                            str(PRETRAINED.resolve())))
+        jobs.append(Job(dataset, n_rows=len(data.labels(DATA, task, SPLIT)), name=f"mtl {task}",
+                        targets=[Target(encoder_ref, store_path("mtl", task), attrs)]))
+    ext = params["extract"]
+    extract(jobs, dim=model.visual.output_dim, batch_size=ext["batch_size"], device=device, dtype=ext["dtype"],
+            autocast=AUTOCAST[ext.get("autocast", "none")], fix_hint=lambda target: FIX_HINT, progress=progress)
     print(f"Traditional MTL encoder -> {MTL_ENCODER} (loss {curve[0]:.3f} -> {curve[-1]:.3f}); "
           f"features -> {store_path('mtl', names[0]).parent}/")
 
