@@ -29,7 +29,7 @@ def chunk_bytes(store: Path) -> dict[str, bytes]:
 
 
 def test_one_extract_stage_writes_every_encoders_stores(world):
-    got = stores(world)
+    got = {name: path for name, path in stores(world).items() if not name.startswith("mtl/")}  # the mtl stage's
     assert {name.split("/")[0] for name in got} == set(ENCODERS)
     assert len(got) == 3 * 6 + 3  # pretrained and 5 merged on every task, individual on its own
     attrs = open_store(got["ties_merging/colors-test.zarr"]).attrs
