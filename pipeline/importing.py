@@ -99,19 +99,29 @@ def import_image_folder(src: Path, split: str, out: Path, classnames: list[str],
 
 def import_split(src: Path, split: str, out: Path, task: str, classnames: list[str], templates: list[str],
                  origin: str, progress: Callable = lambda it, **kw: it) -> int:
-    """Import one split of `task` from `src` (parquet shards or image folders) into `out`."""
+    """Import one split of `task` from `src` (parquet shards or image folders) into `out`.
+
+    Built under a temporary name and swapped in only when complete: a failed import keeps
+    the previous `out` and leaves nothing that looks like a task.
+    """
     src = Path(src).expanduser()
     if not src.exists():
         raise PipelineError(f"task {task!r}: dataset folder {src} does not exist")
-    if out.exists():
-        shutil.rmtree(out)
-    if parquet_shards(src, split):
-        rows, kind = import_parquet(src, split, out, len(classnames)), "parquet"
-    elif looks_like_image_folder(src):
-        rows, kind = import_image_folder(src, split, out, classnames, progress), "imagefolder"
-    else:
-        raise PipelineError(f"task {task!r}: {src} holds neither `{split}-*.parquet` shards nor one folder per class")
-    meta = {"name": task, "classnames": classnames, "templates": templates, "source": origin, "format": kind,
-            f"n_{split}": rows}
-    (out / "task.json").write_text(json.dumps(meta, indent=1) + "\n")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if parquet_shards(src, split):
+            rows, kind = import_parquet(src, split, tmp, len(classnames)), "parquet"
+        elif looks_like_image_folder(src):
+            rows, kind = import_image_folder(src, split, tmp, classnames, progress), "imagefolder"
+        else:
+            raise PipelineError(f"task {task!r}: {src} holds neither `{split}-*.parquet` shards nor one folder per class")
+        meta = {"name": task, "classnames": classnames, "templates": templates, "source": origin, "format": kind,
+                f"n_{split}": rows}
+        (tmp / "task.json").write_text(json.dumps(meta, indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
     return rows

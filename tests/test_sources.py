@@ -116,8 +116,12 @@ def test_a_broken_image_in_a_loader_worker_reports_one_clear_line(tmp_path):
 
 def test_labels_outside_the_class_names_are_refused(tmp_path):
     _shard(tmp_path / "src" / "test-00000-of-00001.parquet", [_png()], [5])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "task.json").write_text("{}")  # an earlier good import
     with pytest.raises(PipelineError, match=r"labels span 5..5, but the task has 2 class names"):
         import_split(tmp_path / "src", "test", tmp_path / "out", "t", ["a", "b"], ["{c}"], origin="here")
+    assert (tmp_path / "out" / "task.json").read_text() == "{}"  # kept, and no half-written import beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_image_folders_need_one_folder_per_class(tmp_path):
