@@ -20,5 +20,6 @@ repro: install
 test: install
 	REPSURGERY_QUIET=1 $(BIN)/python -m pytest -q --durations=10
 
+# The DVC outputs that `make repro` rebuilds; results/ is committed and stays.
 clean:
-	rm -rf data models features results
+	rm -rf data models features

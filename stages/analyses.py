@@ -12,16 +12,18 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from pipeline import analyses, data, figures, metrics, tables, tsne
+from pipeline import workspace
+from pipeline.config import Params
 from pipeline.errors import PipelineError
-from pipeline.surgery import LOSSES
-from stages.common import DATA, HEADS, RESULTS, SPLIT, check_method, is_world, progress, tasks, write_json
-from stages.evaluate import methods as configured_methods
-from stages.features import open_features
+from pipeline.features.stores import read_features, read_labels
+from pipeline.models.checkpoints import load_heads
+from pipeline.reporting import figures, metrics, tables, tsne
+from pipeline.surgery import analyses
+from pipeline.surgery.adapters import load_surgery
+from stages.common import progress
 
-OUT = RESULTS / "analyses"
+OUT = workspace.ANALYSES
 ANALYSES = ("baselines", "rank", "loss", "data-ratio", "online", "curve", "bias", "tsne")
 LOSS_NAMES = {"l1": "L1", "mse": "MSE", "smooth_l1": "SmoothL1", "cosine": "Neg. cosine"}
 SURGERY_KEYS = ("rank", "lr", "steps", "batch_size", "loss", "seed")
@@ -30,28 +32,31 @@ SURGERY_KEYS = ("rank", "lr", "steps", "batch_size", "loss", "seed")
 class Context:
     """Cached features, heads and labels, loaded once per process and shared by the analyses."""
 
-    def __init__(self, params: dict, device: torch.device | str = "cpu"):
+    def __init__(self, params: Params, device: torch.device | str = "cpu"):
         self.params, self.device = params, device
-        self.names = tasks(params)
-        self.methods = configured_methods(params)
-        heads = load_file(str(HEADS))
+        self.names = params.tasks
+        self.methods = params.methods
+        self.labels_of = {**tables.BASELINES, **params.labels()}
+        heads = load_heads(workspace.HEADS, self.names)
         self.heads = [heads[t] for t in self.names]
-        self.labels = [data.labels(DATA, t, SPLIT) for t in self.names]
+        self.labels = [read_labels(t) for t in self.names]
 
-    def cfg(self, name: str) -> dict:
-        section = self.params.get("analyses", {}).get(name.replace("-", "_"))
-        if section is None:
-            raise PipelineError(f"params have no `analyses.{name.replace('-', '_')}` section")
-        return section
+    def cfg(self, name: str):
+        return getattr(self.params.analyses, name.replace("-", "_"))
 
     def surgery(self, *, without: str | None = None) -> dict:
         """The pipeline's surgery settings (minus the swept one) for `pipeline.surgery.train`."""
-        cfg = self.params["surgery"]
+        cfg = self.params.surgery.model_dump()
         return {**{k: cfg[k] for k in SURGERY_KEYS if k != without}, "device": self.device}
 
     @functools.lru_cache(maxsize=None)
     def features(self, encoder: str) -> list[torch.Tensor]:
-        return [torch.from_numpy(open_features(encoder, t).to_numpy()) for t in self.names]
+        """Features of `individual`, `pretrained`, `mtl`, or a merge entry (by its key)."""
+        name = encoder if encoder in ("individual", "pretrained", "mtl") else workspace.merged_encoder(encoder)
+        return read_features(name, self.names)
+
+    def label(self, method: str) -> str:
+        return tables.label(method, self.labels_of)
 
     def taskset(self, method: str) -> analyses.TaskSet:
         return analyses.TaskSet(self.features(method), self.features("individual"), self.heads, self.labels)
@@ -60,11 +65,11 @@ class Context:
         return [metrics.accuracy(z, h, y) for z, h, y in zip(feats, self.heads, self.labels)]
 
 
-def _write(name: str, rows: list[dict], names: list[str], plot: list[dict] | None = None, digits: int = 1) -> Path:
+def _write(ctx: Context, name: str, rows: list[dict], plot: list[dict] | None = None, digits: int = 1) -> Path:
     out = OUT / name
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.csv").write_text(tables.to_csv(rows))
-    (out / "table.md").write_text(tables.to_markdown(rows, names, digits))
+    (out / "table.md").write_text(tables.to_markdown(rows, ctx.names, ctx.labels_of, digits))
     if plot:
         (out / "plot.csv").write_text(tables.to_csv(plot))
     return out
@@ -80,7 +85,7 @@ def _baselines(ctx: Context) -> tuple[list[dict], dict[str, float]]:
         raise PipelineError(f"{path} is for tasks {stored['tasks']}, params list {ctx.names}: "
                             "re-run `repsurgery analyze baselines`")
     rows = [tables.row(m, "", ctx.names, accs) for m, accs in stored["acc"].items()]
-    lines = {tables.label(r["method"]): r["avg"] for r in rows if r["method"] != "pretrained"}
+    lines = {ctx.label(r["method"]): r["avg"] for r in rows if r["method"] != "pretrained"}
     return rows, lines
 
 
@@ -96,14 +101,12 @@ def run_baselines(ctx: Context) -> Path:
     """Pretrained (zero-shot), Individual and, where the params build one, Traditional MTL."""
     acc = {"pretrained": ctx.accuracy(ctx.features("pretrained")),
            "individual": ctx.accuracy(ctx.features("individual"))}
-    if "mtl" in ctx.params and is_world(ctx.params):
-        from stages.mtl import open_mtl_features
-
-        acc["mtl"] = ctx.accuracy([torch.from_numpy(open_mtl_features(t).to_numpy()) for t in ctx.names])
+    if ctx.params.is_world:
+        acc["mtl"] = ctx.accuracy(ctx.features("mtl"))
     rows = [tables.row(m, "", ctx.names, a) for m, a in acc.items()]
-    out = _write("baselines", rows, ctx.names)
-    write_json(out / "baselines.json", {"tasks": ctx.names, "acc": acc})
-    figures.bars(ctx.names + ["avg"], {tables.label(r["method"]): [r[c] for c in ctx.names + ["avg"]] for r in rows},
+    out = _write(ctx, "baselines", rows)
+    workspace.write_json(out / "baselines.json", {"tasks": ctx.names, "acc": acc})
+    figures.bars(ctx.names + ["avg"], {ctx.label(r["method"]): [r[c] for c in ctx.names + ["avg"]] for r in rows},
                  out / "figure", ylabel="accuracy (%)", title="Baselines")
     return out
 
@@ -121,12 +124,10 @@ def _sweep(ctx: Context, name: str, key: str, values: list, setting: callable, x
 
 def run_rank(ctx: Context) -> Path:
     """Table 8 / Fig. 6: surgery at every rank of `analyses.rank.ranks`, for every method."""
-    ranks = list(ctx.cfg("rank")["ranks"])
-    if any(not isinstance(r, int) or r <= 0 for r in ranks):
-        raise PipelineError(f"analyses.rank.ranks must be positive integers, got {ranks}")
+    ranks = list(ctx.cfg("rank").ranks)
     base_rows, lines = _baselines(ctx)
     rows, plot = _sweep(ctx, "rank", "rank", ranks, lambda r: f"r={r}", {f"r={r}": r for r in ranks})
-    out = _write("rank", base_rows + rows, ctx.names, plot)
+    out = _write(ctx, "rank", base_rows + rows, plot)
     figures.lines(ranks, _series(ctx, plot), out / "figure", xlabel="rank r of the surgery module",
                   title="Accuracy with surgery vs. rank", baselines=lines, xlog=True, xticks=ranks)
     return out
@@ -134,19 +135,16 @@ def run_rank(ctx: Context) -> Path:
 
 def run_loss(ctx: Context) -> Path:
     """Table 9: surgery with each loss of `analyses.loss.losses`, for every method."""
-    losses = list(ctx.cfg("loss")["losses"])
-    unknown = [l for l in losses if l not in LOSSES]
-    if unknown:
-        raise PipelineError(f"unknown loss(es) {unknown} in analyses.loss.losses: choose from {', '.join(LOSSES)}")
+    losses = list(ctx.cfg("loss").losses)
     base_rows, lines = _baselines(ctx)
     label = lambda l: LOSS_NAMES[l]  # noqa: E731
     rows, plot = _sweep(ctx, "loss", "loss", losses, label, {label(l): label(l) for l in losses})
-    out = _write("loss", base_rows + rows, ctx.names, plot)
+    out = _write(ctx, "loss", base_rows + rows, plot)
     merged = {r["method"]: r["avg"] for r in rows if r["setting"] == ""}
     series = {"no surgery": [merged[m] for m in ctx.methods]}
     series.update({label(l): [next(r["avg"] for r in rows if r["method"] == m and r["setting"] == label(l))
                               for m in ctx.methods] for l in losses})
-    figures.bars([tables.label(m) for m in ctx.methods], series, out / "figure", ylabel="Avg. accuracy (%)",
+    figures.bars([ctx.label(m) for m in ctx.methods], series, out / "figure", ylabel="Avg. accuracy (%)",
                  title="Surgery loss functions", baselines=lines)
     return out
 
@@ -156,23 +154,23 @@ def _percent(f: float) -> str:
 
 
 def _series(ctx: Context, plot: list[dict]) -> dict[str, list[float]]:
-    return {tables.label(m): [p[m] for p in plot] for m in ctx.methods}
+    return {ctx.label(m): [p[m] for p in plot] for m in ctx.methods}
 
 
 def run_data_ratio(ctx: Context) -> Path:
     """Table 4: surgery sees a seeded fraction of each task's test images; evaluated on all."""
     cfg = ctx.cfg("data-ratio")
-    ratios = list(cfg["ratios"])
+    ratios = list(cfg.ratios)
     base_rows, lines = _baselines(ctx)
     base = ctx.surgery()
     rows, done = [], {}
     for method in progress(ctx.methods, desc="data ratio", unit="method"):
-        done[method] = analyses.data_ratio(ctx.taskset(method), base, ratios, cfg["seed"])
+        done[method] = analyses.data_ratio(ctx.taskset(method), base, ratios, cfg.seed)
     for method in ctx.methods:
         rows.append(_merged_row(ctx, method))
         rows += [tables.row(method, _percent(r), ctx.names, done[method][r]) for r in ratios]
     plot = tables.wide(rows, "percent", {_percent(r): 100 * r for r in ratios})
-    out = _write("data-ratio", base_rows + rows, ctx.names, plot)
+    out = _write(ctx, "data-ratio", base_rows + rows, plot)
     figures.lines([100 * r for r in ratios], _series(ctx, plot), out / "figure", xlog=True,
                   xlabel="share of each task's test images visible to surgery (%)",
                   title="Available data ratio", baselines=lines, xticks=[100 * r for r in ratios])
@@ -182,18 +180,18 @@ def run_data_ratio(ctx: Context) -> Path:
 def run_online(ctx: Context) -> Path:
     """Table 5: online surgery (batch 1, each sample once, tasks in sequence) at checkpoints."""
     cfg = ctx.cfg("online")
-    fractions = list(cfg["checkpoints"])
-    s = ctx.params["surgery"]
+    fractions = list(cfg.checkpoints)
+    s = ctx.params.surgery
     base_rows, lines = _baselines(ctx)
     rows, done = [], {}
     for method in progress(ctx.methods, desc="online surgery", unit="method"):
-        done[method] = analyses.online(ctx.taskset(method), rank=s["rank"], lr=s["lr"], loss=s["loss"],
-                                       seed=cfg["seed"], fractions=fractions, progress=progress)
+        done[method] = analyses.online(ctx.taskset(method), rank=s.rank, lr=s.lr, loss=s.loss,
+                                       seed=cfg.seed, fractions=fractions, progress=progress)
     for method in ctx.methods:
         rows.append(_merged_row(ctx, method))
         rows += [tables.row(method, f"online {_percent(f)}", ctx.names, done[method][f]) for f in fractions]
     plot = tables.wide(rows, "percent", {f"online {_percent(f)}": 100 * f for f in fractions})
-    out = _write("online", base_rows + rows, ctx.names, plot)
+    out = _write(ctx, "online", base_rows + rows, plot)
     figures.lines([100 * f for f in fractions], _series(ctx, plot), out / "figure",
                   xlabel="share of each task's test samples seen once, batch 1 (%)", title="Online surgery",
                   baselines=lines)
@@ -202,7 +200,7 @@ def run_online(ctx: Context) -> Path:
 
 def run_curve(ctx: Context) -> Path:
     """Fig. 7/9: accuracy every `analyses.curve.eval_every` surgery steps, one curve per method."""
-    every = ctx.cfg("curve")["eval_every"]
+    every = ctx.cfg("curve").eval_every
     base_rows, lines = _baselines(ctx)
     base = ctx.surgery()
     rows, done = [], {}
@@ -212,7 +210,7 @@ def run_curve(ctx: Context) -> Path:
     for method in ctx.methods:
         rows += [tables.row(method, f"step {s}", ctx.names, done[method][s]) for s in steps]
     plot = tables.wide(rows, "step", {f"step {s}": s for s in steps})
-    out = _write("curve", base_rows + rows, ctx.names, plot)
+    out = _write(ctx, "curve", base_rows + rows, plot)
     figures.lines(steps, _series(ctx, plot), out / "figure", xlabel="surgery step",
                   title="Accuracy vs. surgery steps", baselines=lines)
     return out
@@ -221,7 +219,7 @@ def run_curve(ctx: Context) -> Path:
 def run_bias(ctx: Context) -> Path:
     """Fig. 2/5: Eq. 1 per task, without and with surgery, for every method (from evaluate's
     results/metrics.json, which computes it on the cached features)."""
-    path = RESULTS / "metrics.json"
+    path = workspace.METRICS
     if not path.exists():
         raise PipelineError(f"{path} does not exist: run `repsurgery evaluate` (or `dvc repro evaluate`) first")
     results = json.loads(path.read_text())
@@ -234,8 +232,8 @@ def run_bias(ctx: Context) -> Path:
             rows.append(tables.row(method, setting, ctx.names, [results[method][key][t] for t in ctx.names], 4))
     plot = [{"task": t, **{f"{r['method']}{'+surgery' if r['setting'] else ''}": r[t] for r in rows}}
             for t in ctx.names + ["avg"]]
-    out = _write("bias", rows, ctx.names, plot, digits=3)
-    panels = {tables.label(m): ([results[m]["bias"][t] for t in ctx.names], [results[m]["surgery_bias"][t]
+    out = _write(ctx, "bias", rows, plot, digits=3)
+    panels = {ctx.label(m): ([results[m]["bias"][t] for t in ctx.names], [results[m]["surgery_bias"][t]
                                                                                for t in ctx.names])
               for m in ctx.methods}
     figures.bias_panels(ctx.names, panels, out / "figure")
@@ -245,10 +243,8 @@ def run_bias(ctx: Context) -> Path:
 def run_tsne(ctx: Context) -> Path:
     """Fig. 1/4: t-SNE of individual (blue) vs. merged (red) features per task, without and
     with the pipeline's trained surgery (models/surgery/METHOD.safetensors)."""
-    from stages.surgery import load_surgery
-
     cfg = ctx.cfg("tsne")
-    chosen = [check_method(m) for m in cfg.get("methods") or ctx.methods]
+    chosen = list(cfg.methods or ctx.methods)
     out = OUT / "tsne"
     out.mkdir(parents=True, exist_ok=True)
     jobs = progress([(m, t) for m in chosen for t in range(len(ctx.names))], desc="t-SNE", unit="panel")
@@ -257,16 +253,16 @@ def run_tsne(ctx: Context) -> Path:
     summary = []
     for method, t in jobs:
         individual, merged = ctx.features("individual")[t], ctx.features(method)[t]
-        rows = torch.from_numpy(tsne.sample_rows(len(merged), cfg["samples"], cfg["seed"]))
+        rows = torch.from_numpy(tsne.sample_rows(len(merged), cfg.samples, cfg.seed))
         with torch.no_grad():
             adapted = surgeries[method](merged[rows], t)
         for variant, z in (("merged", merged[rows]), ("merged + surgery", adapted)):
-            xy = tsne.embed(individual[rows].numpy(), z.numpy(), perplexity=cfg["perplexity"], seed=cfg["seed"])
+            xy = tsne.embed(individual[rows].numpy(), z.numpy(), perplexity=cfg.perplexity, seed=cfg.seed)
             panels[method][variant].append(xy)
             summary.append({"method": method, "task": ctx.names[t], "variant": variant, "points": 2 * len(rows),
                             "l1_gap": round(float((z - individual[rows]).abs().mean()), 4)})
     for method in chosen:
-        figures.tsne_grid(ctx.names, panels[method], out / method, title=tables.label(method))
+        figures.tsne_grid(ctx.names, panels[method], out / method, title=ctx.label(method))
     (out / "panels.csv").write_text(tables.to_csv(summary))
     return out
 

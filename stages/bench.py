@@ -13,15 +13,19 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from pipeline import adamerging, bench, merging
-from pipeline.extraction import Job, Ref, forget_built
-from stages.common import (DATA, FEATURES, HEADS, SPLIT, PRETRAINED, RESULTS, check_method, finetuned_path, merged_path,
-                           progress, tasks, write_json)
-from stages.extract import AUTOCAST, build_dataset, build_encoder, chosen_encoders, jobs
-from stages.features import open_features
-from stages.merge import pretrained_and_finetuned
+from pipeline import workspace
+from pipeline.benchmarks import bench
+from pipeline.config import Params
+from pipeline.features import jobs as planning
+from pipeline.features.extraction import Job, Ref, forget_built
+from pipeline.features.stores import read_features
+from pipeline.merging import registry
+from pipeline.merging.inputs import load_inputs
+from pipeline.merging.methods import adamerging
+from pipeline.models.checkpoints import load_heads
+from stages.common import progress
+from stages.extract import encoders
 
 QUICK = {"steps": 4, "stage_steps": 4, "rows": None, "adamerging_steps": 1}
 
@@ -32,14 +36,14 @@ def first_rows(build, n: int):
     return torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
 
 
-def bench_jobs(params: dict, rows: int | None, root: Path) -> list[Job]:
+def bench_jobs(params: Params, rows: int | None, root: Path) -> list[Job]:
     """The extract stage's jobs (every encoder, every task) on the first `rows` images of each
     task, writing under `root` instead of features/."""
     out = []
-    for job in jobs(params, chosen_encoders(params, None)):
+    for job in planning.jobs(params.tasks, encoders(params, None), autocast=params.extract.autocast):
         n = job.n_rows if rows is None else min(rows, job.n_rows)
         dataset = Ref(f"{job.dataset.key}:{n}", functools.partial(first_rows, job.dataset.build, n))
-        targets = [dataclasses.replace(t, path=root / t.path.relative_to(FEATURES)) for t in job.targets]
+        targets = [dataclasses.replace(t, path=root / t.path.relative_to(workspace.FEATURES)) for t in job.targets]
         out.append(Job(dataset, n, targets, job.name))
     return out
 
@@ -56,26 +60,27 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-def run_bench(params: dict, device: torch.device, *, method: str = "ties_merging", steps: int = 100,
+def run_bench(params: Params, device: torch.device, *, method: str = "ties_merging", steps: int = 100,
               stage_steps: int | None = None, rows: int | None = 256, adamerging_steps: int = 2,
-              quick: bool = False, out: Path = RESULTS / "bench.json") -> dict:
+              quick: bool = False, out: Path = workspace.RESULTS / "bench.json") -> dict:
     """Measure the five figures of the issue and write them (with their absolute times) to `out`."""
-    check_method(method)
+    params.merge_entry(method)
     if quick:
         steps, stage_steps, rows, adamerging_steps = QUICK["steps"], QUICK["stage_steps"], QUICK["rows"], \
             QUICK["adamerging_steps"]
-    names = tasks(params)
-    cfg = params["surgery"]
+    names = params.tasks
+    cfg = params.surgery.model_dump()
     stage_steps = stage_steps or cfg["steps"]
     started = time.perf_counter()
     result = {"machine": machine(device), "method": method, "tasks": names, "quick": quick}
 
     print(f"bench 1-2: surgery live vs cached ({steps} steps), rank sweep {list(bench.RANKS)}")
-    merged = [torch.from_numpy(open_features(method, t).to_numpy()) for t in names]
-    individual = [torch.from_numpy(open_features("individual", t).to_numpy()) for t in names]
-    merged_enc = build_encoder(str(PRETRAINED), str(merged_path(method)))
-    individual_encs = [build_encoder(str(PRETRAINED), str(finetuned_path(t))) for t in names]
-    datasets = [build_dataset(str(DATA), t, SPLIT, str(PRETRAINED)) for t in names]
+    merged = read_features(workspace.merged_encoder(method), names)
+    individual = read_features("individual", names)
+    model_dir = str(workspace.PRETRAINED)
+    merged_enc = planning.build_encoder(model_dir, str(workspace.merged_checkpoint(method)))
+    individual_encs = [planning.build_encoder(model_dir, str(workspace.finetuned_checkpoint(t))) for t in names]
+    datasets = [planning.build_dataset(str(workspace.DATA), t, workspace.SPLIT, model_dir) for t in names]
     result.update(bench.surgery_figures(merged_enc, individual_encs, datasets, merged, individual, cfg=cfg,
                                         steps=steps, device=device, progress=_bar))
     result["feature_dim"] = merged[0].shape[1]
@@ -85,27 +90,27 @@ def run_bench(params: dict, device: torch.device, *, method: str = "ties_merging
     result.update(bench.batching_figures(merged, individual, cfg=cfg, steps=stage_steps, device=device,
                                          progress=_bar))
 
-    ext = params["extract"]
+    ext = params.extract
     print(f"bench 3: extraction ({rows or 'all'} rows per task, every encoder)")
     forget_built()
     result.update(bench.extraction_figures(
-        lambda root: bench_jobs(params, rows, root), dim=merged[0].shape[1], batch_size=ext["batch_size"],
-        device=device, dtype=ext["dtype"], autocast=AUTOCAST[ext.get("autocast", "none")],
+        lambda root: bench_jobs(params, rows, root), dim=merged[0].shape[1], batch_size=ext.batch_size,
+        device=device, dtype=ext.dtype, autocast=planning.AUTOCAST[ext.autocast],
         progress=lambda it, **kw: progress(it, leave=False, **kw)))
     forget_built()
 
-    ada = params["adamerging"]["lw_adamerging"]
+    ada = next((params.merge_entry(k).params for k in params.methods if params.merge_entry(k).method == "adamerging"),
+               registry.get("adamerging").params())
     print(f"bench 4: layer-wise AdaMerging step, task by task vs all graphs alive ({adamerging_steps} steps)")
-    encoder, pretrained, finetuned = pretrained_and_finetuned(params)
-    coeffs = adamerging.MergeCoefficients(pretrained, [merging.task_vector(f, pretrained) for f in finetuned],
-                                          layer_wise=True, init=ada["init"])
-    heads = load_file(str(HEADS))
-    per_task = ada["batch_size"] * ada["batches_per_task"]
+    inputs = load_inputs(registry.get("weight_averaging"), names, device=device, progress=progress)
+    coeffs = adamerging.MergeCoefficients(inputs.pretrained, inputs.vectors, layer_wise=True, init=ada.init)
+    heads = load_heads(workspace.HEADS, names)
+    per_task = ada.batch_size * ada.batches_per_task
     batches = [torch.stack([d[i] for i in range(min(per_task, len(d)))]) for d in datasets]
-    result.update(bench.adamerging_figures(encoder, coeffs, [heads[t] for t in names], batches,
+    result.update(bench.adamerging_figures(inputs.encoder, coeffs, [heads[t] for t in names], batches,
                                            steps=adamerging_steps, device=device))
     result["total_s"] = round(time.perf_counter() - started, 1)
-    write_json(out, result)
+    workspace.write_json(out, result)
     print(table(result))
     print(f"-> {out}")
     return result

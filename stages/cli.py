@@ -42,21 +42,26 @@ def _original_message(exc: Exception) -> str:
     return text
 
 
+def _params(path: Path):
+    """The typed params, validated once: any mistake is one line naming the key and the file."""
+    from pipeline import config
+
+    return config.load(path)
+
+
 def _ctx(params: Path, device: str | None = None):
     from pipeline.devices import pick_device
-    from stages.common import load_params
 
-    return load_params(params), pick_device(device)
+    return _params(params), pick_device(device)
 
 
 @app.command("prepare-data")
 @_stage
 def prepare_data(params: Path = ParamsOpt):
     """Test splits under data/: generate the miniature world, or import the real datasets."""
-    from stages.common import load_params
     from stages.prepare import prepare_data as run
 
-    run(load_params(params))
+    run(_params(params))
 
 
 @app.command("prepare-pretrained")
@@ -90,10 +95,9 @@ def prepare_finetuned(params: Path = ParamsOpt, device: str = DeviceOpt):
 @_stage
 def fetch(params: Path = ParamsOpt):
     """Download what params `source` names on the Hugging Face Hub into its cache (resumable)."""
-    from stages.common import load_params
     from stages.prepare import fetch as run
 
-    run(load_params(params))
+    run(_params(params))
 
 
 @app.command()
@@ -120,28 +124,31 @@ def preset(name: str = typer.Argument(..., help="world | paper-vit-b-32 | paper-
 
 @app.command()
 @_stage
-def merge(method: str = typer.Argument(..., help="weight_averaging | task_arithmetic | ties_merging"),
-          params: Path = ParamsOpt):
-    """Training-free merge of the fine-tuned encoders -> models/merged/METHOD.safetensors."""
-    from stages.common import load_params
+def merge(key: str = typer.Argument(..., help="an entry of params `merge` (see `repsurgery methods`)"),
+          params: Path = ParamsOpt, device: str = DeviceOpt):
+    """Run one merge entry (training-free, or learned like AdaMerging) -> models/merged/KEY.safetensors + .json"""
     from stages.merge import merge as run
 
-    run(method, load_params(params))
+    run(key, *_ctx(params, device))
 
 
 @app.command()
 @_stage
-def adamerge(method: str = typer.Argument(..., help="tw_adamerging | lw_adamerging"),
-             params: Path = ParamsOpt, device: str = DeviceOpt):
-    """Learn AdaMerging coefficients (entropy on unlabeled test images) -> models/merged/METHOD.*"""
-    from stages.merge import adamerge as run
+def methods():
+    """List the registered merge methods: name, label, what they need and their params."""
+    from pipeline.merging import registry
 
-    run(method, *_ctx(params, device))
+    for name, method in registry.available().items():
+        fields = ", ".join(f"{k}={'<required>' if f.is_required() else f.default!r}"
+                           for k, f in method.params.model_fields.items())
+        needs = f" [needs {', '.join(sorted(method.needs))}]" if method.needs else ""
+        typer.echo(f"{name}: {method.label if isinstance(method.label, str) else method.function.__doc__ or ''}"
+                   f"{needs} ({fields or 'no params'}) from {method.module}")
 
 
 @app.command()
 @_stage
-def extract(encoders: list[str] = typer.Argument(None, help="pretrained, individual and/or merge methods "
+def extract(encoders: list[str] = typer.Argument(None, help="pretrained, individual and/or merge entries "
                                                              "(default: all of them)"),
             params: Path = ParamsOpt, device: str = DeviceOpt,
             scheduler: str = typer.Option(None, "--scheduler", help="address of a running Dask scheduler "
@@ -156,22 +163,21 @@ def extract(encoders: list[str] = typer.Argument(None, help="pretrained, individ
 
 @app.command()
 @_stage
-def surgery(method: str = typer.Argument(..., help="a merge method"), params: Path = ParamsOpt,
-            device: str = DeviceOpt):
-    """Train the per-task surgery adapters on cached features -> models/surgery/METHOD.*"""
+def surgery(keys: list[str] = typer.Argument(None, help="merge entries (default: every entry of params `merge`)"),
+            params: Path = ParamsOpt, device: str = DeviceOpt):
+    """Train the per-task surgery adapters on cached features -> models/surgery/KEY.* (up-to-date ones kept)"""
     from stages.surgery import run_surgery
 
-    run_surgery(method, *_ctx(params, device))
+    run_surgery(*_ctx(params, device), keys or None)
 
 
 @app.command()
 @_stage
 def evaluate(params: Path = ParamsOpt):
     """Accuracy with/without surgery and bias (Eq. 1) from cached features -> results/metrics.json."""
-    from stages.common import load_params
     from stages.evaluate import evaluate as run
 
-    run(load_params(params))
+    run(_params(params))
 
 
 @app.command()
@@ -200,6 +206,15 @@ def mtl(params: Path = ParamsOpt, device: str = DeviceOpt):
     from stages.mtl import build_mtl
 
     build_mtl(*_ctx(params, device))
+
+
+@app.command()
+@_stage
+def plots(params: Path = ParamsOpt):
+    """Regenerate the `plots:` section of dvc.yaml for the merge entries in params (`dvc plots show`)."""
+    from stages.plots import write_plots
+
+    write_plots(_params(params))
 
 
 @app.command()

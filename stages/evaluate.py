@@ -1,29 +1,27 @@
-"""Stage: accuracy with and without surgery, and representation bias (Eq. 1), from cached
-features only; writes results/metrics.json and a Markdown table."""
+"""Stage `evaluate`: accuracy with and without surgery, and representation bias (Eq. 1), from
+cached features only -> results/metrics.json and results/accuracy.md."""
 from __future__ import annotations
 
 import torch
-from safetensors.torch import load_file
 
-from pipeline import data, metrics
-from stages.common import DATA, HEADS, METHODS, RESULTS, SPLIT, progress, tasks, write_json
-from stages.features import open_features
-from stages.surgery import load_surgery
+from cache.files import write_text
+from pipeline import workspace
+from pipeline.config import Params
+from pipeline.features.stores import open_features, read_labels
+from pipeline.models.checkpoints import load_heads
+from pipeline.reporting import metrics, tables
+from pipeline.surgery.adapters import load_surgery
+from stages.common import progress
 
 
 def _with_avg(values: dict[str, float]) -> dict[str, float]:
     return {**{k: round(v, 4) for k, v in values.items()}, "avg": round(sum(values.values()) / len(values), 4)}
 
 
-def methods(params: dict) -> list[str]:
-    configured = set(params.get("merge", {})) | set(params.get("adamerging", {}))
-    return [m for m in METHODS if m in configured]
-
-
-def evaluate(params: dict) -> dict:
-    names = tasks(params)
-    heads = load_file(str(HEADS))
-    labels = {t: data.labels(DATA, t, SPLIT) for t in names}
+def evaluate(params: Params) -> dict:
+    names = params.tasks
+    heads = load_heads(workspace.HEADS, names)
+    labels = {t: read_labels(t) for t in names}
     individual = {t: open_features("individual", t) for t in names}
 
     def acc(z: torch.Tensor, task: str) -> float:
@@ -36,40 +34,32 @@ def evaluate(params: dict) -> dict:
         "pretrained": {"acc": _with_avg({t: acc(features(open_features("pretrained", t)), t) for t in names})},
         "individual": {"acc": _with_avg({t: acc(features(individual[t]), t) for t in names})},
     }
-    for method in progress(methods(params), desc="evaluate", unit="method"):
-        surgery = load_surgery(method, names)
+    for key in progress(params.methods, desc="evaluate", unit="method"):
+        surgery = load_surgery(key, names)
         out = {"acc": {}, "surgery_acc": {}, "bias": {}, "surgery_bias": {}}
         for i, task in enumerate(names):
-            store = open_features(method, task)
+            store = open_features(workspace.merged_encoder(key), task)
             z = features(store)
             out["acc"][task] = acc(z, task)
             with torch.no_grad():
                 out["surgery_acc"][task] = acc(surgery(z, i), task)
             out["bias"][task] = metrics.bias(store, individual[task])
             out["surgery_bias"][task] = metrics.bias(metrics.adapted(store, surgery, i), individual[task])
-        results[method] = {k: _with_avg(v) for k, v in out.items()}
-    write_json(RESULTS / "metrics.json", results)
-    (RESULTS / "accuracy.md").write_text(markdown_table(results, names))
-    print(markdown_table(results, names))
-    print(f"metrics written to {RESULTS / 'metrics.json'} and {RESULTS / 'accuracy.md'}")
+        results[key] = {k: _with_avg(v) for k, v in out.items()}
+    workspace.write_json(workspace.METRICS, results)
+    table = accuracy_table(results, names, params.labels())
+    write_text(workspace.ACCURACY_TABLE, table)
+    print(table)
+    print(f"metrics written to {workspace.METRICS} and {workspace.ACCURACY_TABLE}")
     return results
 
 
-def markdown_table(results: dict, names: list[str]) -> str:
-    """The paper's layout: rows = methods (and +Surgery), columns = tasks + Avg."""
-    cols = names + ["avg"]
-    lines = ["| method | " + " | ".join(c.capitalize() for c in cols) + " | bias avg |",
-             "|---" * (len(cols) + 2) + "|"]
-
-    def row(label, accs, bias=None):
-        cells = " | ".join(f"{accs[c]:.1f}" for c in cols)
-        return f"| {label} | {cells} | {'' if bias is None else f'{bias:.3f}'} |"
-
-    lines.append(row("Pretrained (zero-shot)", results["pretrained"]["acc"]))
-    lines.append(row("Individual", results["individual"]["acc"]))
-    for method, r in results.items():
-        if method in ("pretrained", "individual"):
-            continue
-        lines.append(row(method, r["acc"], r["bias"]["avg"]))
-        lines.append(row(f"{method} + surgery", r["surgery_acc"], r["surgery_bias"]["avg"]))
-    return "\n".join(lines) + "\n"
+def accuracy_table(results: dict, names: list[str], labels: dict[str, str]) -> str:
+    """The paper's layout: Pretrained, Individual, then each method and its + surgery row."""
+    rows = []
+    for key, r in results.items():
+        rows.append({"method": key, "setting": "", **r["acc"], "bias": r.get("bias", {}).get("avg")})
+        if "surgery_acc" in r:
+            rows.append({"method": key, "setting": "", "label": f"{labels[key]} + surgery", **r["surgery_acc"],
+                         "bias": r["surgery_bias"]["avg"]})
+    return tables.to_markdown(rows, names, labels, extra={"bias": "bias avg"})

@@ -1,132 +1,80 @@
-"""Stage `extract`: cache every encoder's features in feature stores, decoding each image once.
+"""Stage `extract`: every encoder's features of every task, each image decoded once.
 
 One stage covers all encoders (pretrained on every task, each individual encoder on its own
-task, every merged encoder on every task) so that each task's images are decoded and
+task, every merge entry on every task) so that each task's images are decoded and
 preprocessed once and fed to all of them. Its outputs are `persist`ent in dvc.yaml: DVC does
-not delete them before a re-run, and stores whose encoder and dataset fingerprints still
-match are kept, so a change to one merge method recomputes only that method's stores.
+not delete them before a re-run, and stores whose identity (weights, images, dtype, autocast,
+code version) still matches are kept, so a change to one merge entry recomputes only its
+stores. The task labels are saved beside the features, so later stages need no images.
 """
 from __future__ import annotations
 
-import functools
 import shutil
-from pathlib import Path
 
 import torch
 
-from pipeline import clip_model, data
-from pipeline.checkpoints import load_state
+from pipeline import workspace
+from pipeline.config import Params
+from pipeline.data import datasets
 from pipeline.errors import PipelineError
-from pipeline.extraction import Job, Ref, Target, extract, is_done
-from stages.common import (DATA, FEATURES, METHODS, PRETRAINED, SPLIT, finetuned_path, merged_path, progress,
-                           store_path, tasks)
-from stages.features import checkpoint_fingerprint, fix_hint
-
-AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-REFERENCE = ("pretrained", "individual")
+from pipeline.features import jobs as planning
+from pipeline.features.extraction import extract, is_done
+from pipeline.features.stores import write_labels
+from stages.common import progress
 
 
-def configured_methods(params: dict) -> list[str]:
-    """Merge methods the params configure (a `merge.<m>` or `adamerging.<m>` section)."""
-    configured = set(params.get("merge", {})) | set(params.get("adamerging", {}))
-    return [m for m in METHODS if m in configured]
+def encoders(params: Params, names: list[str] | None) -> list[str]:
+    """The encoders to extract: the named ones (merge entries by their key), or all of them."""
+    every = [*workspace.REFERENCE_ENCODERS, *map(workspace.merged_encoder, params.methods)]
+    if not names:
+        return every
+    chosen = []
+    for name in names:
+        encoder = workspace.merged_encoder(name) if name in params.merge else name
+        if encoder not in every:
+            raise PipelineError(f"unknown encoder {name!r} to extract: choose among "
+                                f"{', '.join(workspace.REFERENCE_ENCODERS)} or a merge entry "
+                                f"({', '.join(params.methods)})")
+        chosen.append(encoder)
+    return chosen
 
 
-def checkpoint(encoder: str, task: str) -> Path | None:
-    """The weights an encoder name means for a task (None: the pretrained CLIP's own)."""
-    if encoder == "pretrained":
-        return None
-    return finetuned_path(task) if encoder == "individual" else merged_path(encoder)
+def prune(params: Params, chosen: list[str]) -> None:
+    """Drop stores of tasks and merge entries no longer in the params (the outputs persist)."""
+    keep = {workspace.store(e, t) for e in chosen for t in params.tasks}
+    stale = [p for p in sorted(workspace.FEATURES.glob(f"*/*-{workspace.SPLIT}.zarr"))
+             if p.parent.name in workspace.REFERENCE_ENCODERS and p not in keep]
+    stale += [p for p in sorted((workspace.FEATURES / "merged").glob(f"*/*-{workspace.SPLIT}.zarr")) if p not in keep]
+    for path in stale:
+        shutil.rmtree(path)
+        print(f"removed {path}: its task or merge entry is not in the params")
+    for folder in (workspace.FEATURES / "merged").glob("*"):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
-def build_encoder(model_dir: str, weights: str | None) -> torch.nn.Module:
-    """The image tower of the CLIP in `model_dir` with `weights` (picklable: Dask workers call it)."""
-    encoder = clip_model.image_encoder(Path(model_dir))
-    if weights is not None:
-        hint = "Run `repsurgery prepare-finetuned`." if "finetuned" in weights else "Run `repsurgery merge` / `adamerge`."
-        encoder.load_state_dict(load_state(Path(weights), like=encoder.state_dict(), hint=hint))
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    return encoder.eval()
-
-
-def build_dataset(root: str, task: str, split: str, model_dir: str) -> data.ImageDataset:
-    """A task's split with the CLIP's validation transform (picklable: Dask workers call it)."""
-    transform = clip_model.preprocess_for(clip_model.read_spec(Path(model_dir)))
-    return data.ImageDataset(Path(root), task, split, transform)
-
-
-def encoder_ref(encoder: str, task: str) -> Ref:
-    weights = checkpoint(encoder, task)
-    if weights is not None and not weights.exists():
-        raise PipelineError(f"checkpoint {weights} does not exist: it is needed for the {encoder} features. "
-                            + ("Run `repsurgery prepare-finetuned`." if encoder == "individual" else
-                               f"Run `repsurgery merge {encoder}` (or adamerge) first."))
-    fp = checkpoint_fingerprint(encoder, task)
-    return Ref(f"encoder:{fp}", functools.partial(build_encoder, str(PRETRAINED.resolve()),
-                                                  None if weights is None else str(weights.resolve())))
-
-
-def jobs(params: dict, encoders: list[str]) -> list[Job]:
-    """One job per task: the task's images once, through every named encoder that applies."""
-    spec = clip_model.read_spec(PRETRAINED)
-    out = []
-    for task in tasks(params):
-        data_fp = data.dataset_fingerprint(DATA, task, SPLIT)
-        attrs = {"task": task, "split": SPLIT, "dataset_fingerprint": data_fp,
-                 "preprocess": spec.get("preprocess") or spec.get("arch")}
-        targets = [Target(encoder_ref(name, task), store_path(name, task),
-                          {"encoder_fingerprint": checkpoint_fingerprint(name, task), **attrs})
-                   for name in encoders]
-        out.append(Job(Ref(f"data:{data_fp}", functools.partial(build_dataset, str(DATA.resolve()), task, SPLIT,
-                                                                  str(PRETRAINED.resolve()))),
-                       n_rows=len(data.labels(DATA, task, SPLIT)), targets=targets, name=task))
-    return out
-
-
-def chosen_encoders(params: dict, names: list[str] | None) -> list[str]:
-    allowed = [*REFERENCE, *configured_methods(params)]
-    for name in names or []:
-        if name not in allowed:
-            raise PipelineError(f"unknown encoder {name!r} to extract: choose among {', '.join(allowed)} "
-                                "(merge methods must be configured in params.yaml)")
-    return list(names) if names else allowed
-
-
-def prune(params: dict, encoders: list[str]) -> None:
-    """Drop stores of tasks no longer in the params, so the persistent outputs match them."""
-    keep = {store_path(e, t) for e in encoders for t in tasks(params)}
-    for encoder in encoders:
-        for stale in sorted((FEATURES / encoder).glob(f"*-{SPLIT}.zarr")):
-            if stale not in keep:
-                shutil.rmtree(stale)
-                print(f"removed {stale}: its task is not in params `tasks`")
-
-
-def extract_features(params: dict, device: torch.device, names: list[str] | None = None, *,
+def extract_features(params: Params, device: torch.device, names: list[str] | None = None, *,
                      scheduler: str | None = None, workers: int | None = None) -> None:
-    """Extract the named encoders (default: all) on every task, here or on a Dask cluster."""
-    cfg = params["extract"]
-    encoders = chosen_encoders(params, names)
-    if cfg.get("autocast", "none") not in AUTOCAST:
-        raise PipelineError(f"params `extract.autocast` is {cfg['autocast']!r}: choose one of {', '.join(AUTOCAST)}")
-    todo = jobs(params, encoders)
-    stale = [t for job in todo for t in job.targets if not is_done(t)]
+    cfg = params.extract
+    chosen = encoders(params, names)
+    todo = planning.jobs(params.tasks, chosen, autocast=cfg.autocast)
+    stale = [t for job in todo for t in job.targets if not is_done(t, cfg.dtype)]
     print(f"extract: {len(stale)} feature stores to compute "
-          f"({', '.join(sorted({str(t.path.parent.name) for t in stale})) or 'none'}), "
+          f"({', '.join(sorted({str(t.path.parent.relative_to(workspace.FEATURES)) for t in stale})) or 'none'}), "
           f"{sum(len(j.targets) for j in todo) - len(stale)} up to date")
-    dim = clip_model.build_clip(clip_model.read_spec(PRETRAINED)).visual.output_dim
-    kwargs = dict(dim=dim, batch_size=cfg["batch_size"], device=device, dtype=cfg["dtype"],
-                  autocast=AUTOCAST[cfg.get("autocast", "none")],
-                  fix_hint=lambda target: fix_hint(target.path.parent.name),
-                  progress=lambda it, **kw: progress(it, **kw))
+    kwargs = dict(dim=planning.feature_dim(), batch_size=cfg.batch_size, device=device, dtype=cfg.dtype,
+                  autocast=planning.AUTOCAST[cfg.autocast], fix_hint=planning.hint, progress=progress)
     if scheduler or workers:
-        from pipeline.scaleout import dask_client, extract_distributed
+        from pipeline.features.scaleout import dask_client, extract_distributed
 
         with dask_client(scheduler, workers) as client:
             paths = extract_distributed(todo, client, **kwargs)
     else:
         paths = extract(todo, **kwargs)
-    if names is None:
-        prune(params, encoders)
-    print(f"{len(paths)} feature stores ready under {FEATURES}/ ({', '.join(encoders)})")
+    for job in todo:
+        write_labels(job.name, datasets.labels(workspace.DATA, job.name, workspace.SPLIT),
+                     job.targets[0].attrs["dataset_fingerprint"])
+    if not names:
+        prune(params, chosen)
+    print(f"{len(paths)} feature stores ready under {workspace.FEATURES}/ ({', '.join(chosen)}); "
+          f"labels under {workspace.LABELS}/")

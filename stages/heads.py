@@ -1,28 +1,27 @@
-"""Stage: one zero-shot head per task from the pretrained text tower."""
+"""Stage `heads`: one zero-shot head per task from the pretrained text tower."""
 from __future__ import annotations
 
 import torch
-from safetensors.torch import save_file
 
-from pipeline import clip_model, data
-from pipeline.heads import zeroshot_weights
-from stages.common import DATA, HEADS, PRETRAINED, tasks
+from pipeline import workspace
+from pipeline.config import Params
+from pipeline.data import datasets
+from pipeline.models import clip
+from pipeline.models.checkpoints import save_state
+from pipeline.models.heads import zeroshot_weights
 
 
-def build_heads(params: dict, device: torch.device) -> None:
-    model, spec = clip_model.load_clip(PRETRAINED)
-    tokenizer = clip_model.tokenizer_for(spec)
+def build_heads(params: Params, device: torch.device) -> None:
+    model, spec = clip.load_clip(workspace.PRETRAINED)
+    tokenizer = clip.tokenizer_for(spec)
     heads = {}
-    for task in tasks(params):
-        info = data.task_info(DATA, task)
+    for task in params.tasks:
+        info = datasets.task_info(workspace.DATA, task)
         heads[task] = zeroshot_weights(model, tokenizer, info.classnames, info.templates, device)
-    HEADS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = HEADS.with_name(HEADS.name + ".tmp")
-    save_file(heads, str(tmp))
-    tmp.replace(HEADS)
+    save_state(workspace.HEADS, heads)
     for task, head in heads.items():
         unit = head / head.norm(dim=1, keepdim=True)
         cos = unit @ unit.T
         off = cos[~torch.eye(len(cos), dtype=torch.bool)]
         print(f"head {task}: {len(head)} classes, mean/max within-task cosine {off.mean():.2f}/{off.max():.2f}")
-    print(f"zero-shot heads written to {HEADS}")
+    print(f"zero-shot heads written to {workspace.HEADS}")

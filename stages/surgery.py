@@ -1,47 +1,58 @@
-"""Stage: train the per-task surgery adapters of one merge method from cached features only."""
+"""Stage `surgery`: every merge entry's per-task adapters, trained on cached features only,
+in one process. The outputs persist: an entry whose features, tasks and surgery settings are
+unchanged keeps its adapters, so changing one merge entry retrains only that entry."""
 from __future__ import annotations
-
-import json
 
 import torch
 
-from pipeline.checkpoints import load_state, read_metadata, save_state
+from pipeline import workspace
+from pipeline.config import Params, check_rows
 from pipeline.errors import PipelineError
-from pipeline.surgery import Surgery, train
-from stages.common import SURGERY, check_method, progress, tasks, write_json
-from stages.features import open_features
+from pipeline.features.stores import open_features, read_features
+from pipeline.surgery.adapters import inputs_digest, save_surgery, trained_inputs
+from pipeline.surgery.training import train
+from stages.common import progress
 
 
-def surgery_path(method: str):
-    return SURGERY / f"{method}.safetensors"
+def inputs_of(key: str, params: Params) -> str:
+    """What this entry's adapters depend on: both encoders' stores, the tasks and the settings."""
+    stores = {f"{enc}/{t}": open_features(enc, t).attrs["sha256"]
+              for enc in (workspace.merged_encoder(key), "individual") for t in params.tasks}
+    return inputs_digest(tasks=params.tasks, surgery=params.surgery.model_dump(), stores=stores)
 
 
-def run_surgery(method: str, params: dict, device: torch.device) -> None:
-    check_method(method)
-    cfg = params["surgery"]
-    if not isinstance(cfg["rank"], int) or cfg["rank"] <= 0:
-        raise PipelineError(f"surgery.rank must be a positive integer, got {cfg['rank']!r} (params.yaml or -S)")
-    names = tasks(params)
-    merged = [torch.from_numpy(open_features(method, t).to_numpy()) for t in names]
-    individual = [torch.from_numpy(open_features("individual", t).to_numpy()) for t in names]
-    module, curve = train(merged, individual, rank=cfg["rank"], lr=cfg["lr"], steps=cfg["steps"],
-                          batch_size=cfg["batch_size"], loss=cfg["loss"], seed=cfg["seed"], device=device,
-                          progress=lambda it: progress(it, desc=f"surgery {method}", unit="step"))
-    save_state(surgery_path(method), module.state_dict(), method=method, tasks=json.dumps(names))
-    write_json(SURGERY / f"{method}.json", {"tasks": names, "rank": cfg["rank"], "loss_first": curve[0],
-                                             "loss_last": curve[-1]})
-    print(f"surgery {method}: {len(names)} tasks, rank {cfg['rank']}, loss {curve[0]:.4f} -> {curve[-1]:.4f}; "
-          f"-> {surgery_path(method)}")
+def run_surgery(params: Params, device: torch.device, keys: list[str] | None = None) -> None:
+    keys = keys or params.methods
+    unknown = [k for k in keys if k not in params.merge]
+    if unknown:
+        raise PipelineError(f"unknown merge entry {unknown[0]!r}: the entries of params `merge` are "
+                            f"{', '.join(params.methods)}")
+    cfg = params.surgery
+    check_rows(params, {t: open_features("individual", t).n_rows for t in params.tasks})
+    individual = None
+    for key in keys:
+        digest = inputs_of(key, params)
+        if trained_inputs(key) == digest:
+            print(f"surgery {key}: up to date ({workspace.surgery_checkpoint(key)})")
+            continue
+        individual = individual or read_features("individual", params.tasks)
+        module, curve = train(read_features(workspace.merged_encoder(key), params.tasks), individual,
+                              rank=cfg.rank, lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size, loss=cfg.loss,
+                              seed=cfg.seed, device=device,
+                              progress=lambda it: progress(it, desc=f"surgery {key}", unit="step"))
+        path = save_surgery(key, module, tasks=params.tasks, inputs=digest)
+        workspace.write_json(workspace.surgery_info(key), {"tasks": params.tasks, "rank": cfg.rank,
+                                                           "loss_first": curve[0], "loss_last": curve[-1]})
+        print(f"surgery {key}: {len(params.tasks)} tasks, rank {cfg.rank}, loss {curve[0]:.4f} -> {curve[-1]:.4f}; "
+              f"-> {path}")
+    prune(params)
 
 
-def load_surgery(method: str, names: list[str]) -> Surgery:
-    path = surgery_path(method)
-    state = load_state(path, hint=f"Run `repsurgery surgery {method}` first.")
-    trained_on = json.loads(read_metadata(path)["tasks"])
-    if trained_on != names:
-        raise PipelineError(f"{path} was trained for tasks {trained_on}, params list {names}: "
-                            f"re-run `repsurgery surgery {method}`")
-    n_tasks, rank, dim = state["down"].shape
-    module = Surgery(n_tasks, dim, rank)
-    module.load_state_dict(state)
-    return module.eval()
+def prune(params: Params) -> None:
+    """Drop adapters of merge entries no longer in the params (the outputs persist)."""
+    for path in sorted(workspace.SURGERY.glob("*.safetensors")):
+        if path.stem not in params.merge:
+            path.unlink()
+            workspace.surgery_info(path.stem).unlink(missing_ok=True)
+            print(f"removed {path}: its merge entry is not in the params")
+

@@ -22,9 +22,10 @@ TINY = {
     "pretrain": {"steps": 40, "batch_size": 64, "lr": 0.002, "weight_decay": 0.1, "named": {"default": 0.5}, "alias": {"default": 0.3}},
     "finetune": {"steps": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 0.1, "warmup": 2},
     "merge": {"weight_averaging": {}, "task_arithmetic": {"scaling": 0.3},
-              "ties_merging": {"k": 20, "scaling": 0.3, "merge": "sum"}},
-    "adamerging": {m: {"init": 0.3, "lr": 0.001, "steps": 3, "batch_size": 8, "batches_per_task": 2, "seed": 0}
-                   for m in ("tw_adamerging", "lw_adamerging")},
+              "ties_merging": {"k": 20, "scaling": 0.3, "merge": "sum"},
+              **{name: {"method": "adamerging", "layer_wise": name == "lw_adamerging", "init": 0.3, "lr": 0.001,
+                        "steps": 3, "batch_size": 8, "batches_per_task": 2, "seed": 0}
+                 for name in ("tw_adamerging", "lw_adamerging")}},
     "extract": {"batch_size": 32, "dtype": "float32", "autocast": "none"},
     "surgery": {"rank": 4, "lr": 0.001, "steps": 60, "batch_size": 16, "loss": "l1", "seed": 0},
     "mtl": {"steps": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 0.1, "warmup": 2},
@@ -35,13 +36,13 @@ TINY = {
 }
 
 
-def env() -> dict:
+def env(**extra: str) -> dict:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "REPSURGERY_QUIET": "1",
-            "DVC_NO_ANALYTICS": "1", "REPSURGERY_DEVICE": "cpu"}
+            "DVC_NO_ANALYTICS": "1", "REPSURGERY_DEVICE": "cpu", **extra}
 
 
-def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True)
+def run(args: list[str], cwd: Path, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=cwd, env=env(**(extra_env or {})), capture_output=True, text=True)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done
@@ -53,8 +54,10 @@ def make_project(path: Path, params: dict) -> Path:
     for name in ("pipeline", "stages", "cache"):
         (path / name).symlink_to(ROOT / name)
     shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
+    shutil.copy(ROOT / ".dvcignore", path / ".dvcignore")
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (path / ".gitignore").write_text("/data\n/models\n/features\n/results\n")
+    run([str(BIN / "repsurgery"), "plots"], path)  # dvc.yaml's plots for these params' merge entries
     run(["git", "init", "-q"], path)
     run(["git", "config", "user.email", "t@t"], path)
     run(["git", "config", "user.name", "t"], path)
@@ -75,8 +78,14 @@ def world(tmp_path_factory) -> Path:
     return project
 
 
-def cli(project: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
-    return run([str(BIN / "repsurgery"), *args], project, check=check)
+def copy_project(world: Path, path: Path) -> Path:
+    """A private copy of a built project, for tests that change files or run experiments."""
+    shutil.copytree(world, path, symlinks=True)
+    return path
+
+
+def cli(project: Path, *args: str, check: bool = False, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return run([str(BIN / "repsurgery"), *args], project, check=check, extra_env=extra_env)
 
 
 def params_with(project: Path, out: Path, **changes) -> Path:

@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 
-from pipeline.adamerging import MergeCoefficients, step, step_all_graphs
+from pipeline.merging.methods.adamerging import MergeCoefficients, step, step_all_graphs
 
 
 def tiny_setup(layer_wise: bool):

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from tests.conftest import BIN, TINY, cli, env
+from tests.conftest import BIN, TINY, cli, copy_project, env
 
-METHODS = ["weight_averaging", "task_arithmetic", "ties_merging", "tw_adamerging", "lw_adamerging"]
+METHODS = list(TINY["merge"])
 TASKS = TINY["tasks"]
 BASELINES = ["pretrained", "individual", "mtl"]
 SETTINGS = {
@@ -114,13 +114,16 @@ def test_dvc_plots_are_declared_and_render(world, tmp_path):
         plot = next(t for t in titles if paper in t)
         values = shown["data"][plot][0]["content"]["data"]["values"]
         assert {v["field"] for v in values} >= set(METHODS), plot
-    assert sum(t.endswith(".png") for t in titles) == 4
+    from stages.plots import FIGURES
+
+    tsne = TINY["analyses"]["tsne"]["methods"] or METHODS
+    assert sorted(t for t in titles if t.endswith(".png")) == sorted(
+        [f"results/analyses/{name}/figure.png" for name in FIGURES] + [f"results/analyses/tsne/{m}.png" for m in tsne])
 
 
 def test_analyses_run_on_cached_features_without_any_encoder_code(world, tmp_path):
     """`analyze rank` with open_clip made unimportable: no encoder can have run."""
-    project = tmp_path / "copy"
-    shutil.copytree(world, project, symlinks=True)
+    project = copy_project(world, tmp_path / "copy")
     code = ("import sys, importlib.abc\n"
             "class Block(importlib.abc.MetaPathFinder):\n"
             "    def find_spec(self, name, *a):\n"
@@ -146,4 +149,4 @@ def test_unknown_analysis_and_bad_settings_are_refused(world, tmp_path):
 
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     done = cli(world, "analyze", "loss", "--params", str(tmp_path / "p.yaml"))
-    assert done.returncode == 1 and "unknown loss(es) ['hinge']" in done.stderr
+    assert done.returncode == 1 and "`analyses.loss.losses.1` = 'hinge'" in done.stderr and "'l1'" in done.stderr

@@ -3,9 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import analyses, tables, tsne
+from pipeline.surgery import analyses
+from pipeline.reporting import tables
+from pipeline.reporting import tsne
 from pipeline.errors import PipelineError
-from pipeline.surgery import train
+from pipeline.surgery.training import train
 
 
 def _taskset(n=(60, 40), d=12, classes=4, seed=0) -> analyses.TaskSet:
@@ -69,7 +71,7 @@ def test_online_with_batch_one_matches_the_batched_trainer_at_batch_one():
     order = torch.randperm(20, generator=torch.Generator().manual_seed(1))
     acc = analyses.online(data, rank=3, lr=1e-2, loss="mse", seed=0, fractions=[1.0])[1.0]
     permuted = analyses.TaskSet([data.merged[0][order]], [data.individual[0][order]], data.heads, data.labels)
-    import pipeline.surgery as surgery
+    import pipeline.surgery.training as surgery
 
     original = surgery.batch_indices
     surgery.batch_indices = lambda sizes, b, steps, seed: torch.arange(steps).view(steps, 1, 1)
@@ -106,7 +108,7 @@ def test_sweep_point_with_the_base_settings_is_the_base_run():
 def test_tables_have_the_papers_layout():
     rows = [tables.row("individual", "", ["a", "b"], [50.0, 70.0]),
             tables.row("task_arithmetic", "r=4", ["a", "b"], [40.0, 41.0])]
-    md = tables.to_markdown(rows, ["a", "b"])
+    md = tables.to_markdown(rows, ["a", "b"], {"task_arithmetic": "Task Arithmetic"})
     assert md.splitlines()[0] == "| method | A | B | Avg |"
     assert "| Task Arithmetic (r=4) | 40.0 | 41.0 | 40.5 |" in md
     assert tables.to_csv(rows).splitlines()[0] == "method,setting,a,b,avg"

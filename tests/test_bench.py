@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from pipeline.measure import SavedTensorMeter
+from pipeline.benchmarks.measure import SavedTensorMeter
 from tests.conftest import cli
 
 FIGURES = ["surgery_live_over_cached", "rank_sweep_over_one_live_run", "extract_overhead", "decode_once_speedup",

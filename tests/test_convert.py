@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.checkpoints import read_metadata, save_state
-from pipeline.convert import to_canonical
+from pipeline.models.checkpoints import read_metadata, save_state
+from pipeline.models.convert import to_canonical
 from pipeline.errors import PipelineError
 
 # A small ViT whose open_clip and transformers forms must agree exactly.

@@ -13,16 +13,18 @@ from pathlib import Path
 import numpy as np
 
 from cache import open_store, open_writer
-from tests.conftest import BIN, cli, env, params_with, run
+from tests.conftest import BIN, TINY, cli, copy_project, env, params_with, run
 
-ENCODERS = ["pretrained", "individual", "weight_averaging", "task_arithmetic", "ties_merging", "tw_adamerging",
-            "lw_adamerging"]
+TASKS, METHODS = TINY["tasks"], list(TINY["merge"])
+ENCODERS = ["pretrained", "individual", *(f"merged/{m}" for m in METHODS)]
+N_STORES = len(TASKS) * (1 + len(METHODS)) + len(TASKS)  # pretrained and merged on every task, individual on its own
 
 
 def stores(project: Path) -> dict[str, Path]:
     """The extract stage's stores (features/mtl/ belongs to the mtl stage)."""
-    return {str(p.relative_to(project / "features")): p for p in sorted((project / "features").glob("*/*.zarr"))
-            if p.parent.name in ENCODERS}
+    found = sorted((project / "features").glob("*/*.zarr")) + sorted((project / "features").glob("merged/*/*.zarr"))
+    return {str(p.relative_to(project / "features")): p for p in found
+            if str(p.parent.relative_to(project / "features")) in ENCODERS}
 
 
 def chunk_bytes(store: Path) -> dict[str, bytes]:
@@ -32,16 +34,17 @@ def chunk_bytes(store: Path) -> dict[str, bytes]:
 
 def test_one_extract_stage_writes_every_encoders_stores(world):
     got = stores(world)
-    assert {name.split("/")[0] for name in got} == set(ENCODERS)
-    assert len(got) == 3 * 6 + 3  # pretrained and 5 merged on every task, individual on its own
-    attrs = open_store(got["ties_merging/colors-test.zarr"]).attrs
+    assert {name.rsplit("/", 1)[0] for name in got} == set(ENCODERS)
+    assert len(got) == N_STORES
+    attrs = open_store(got["merged/ties_merging/colors-test.zarr"]).attrs
     assert {"encoder_fingerprint", "dataset_fingerprint", "preprocess", "n_rows", "dtype", "code_version",
-            "complete", "sha256"} <= set(attrs)
+            "autocast", "extraction_version", "complete", "sha256"} <= set(attrs)
+    labels = json.loads((world / "features" / "labels" / "colors-test.json").read_text())
+    assert len(labels["labels"]) == attrs["n_rows"]
 
 
 def test_two_dask_workers_write_the_single_process_stores_byte_for_byte(world, tmp_path):
-    project = tmp_path / "copy"
-    shutil.copytree(world, project, symlinks=True)
+    project = copy_project(world, tmp_path / "copy")
     shutil.rmtree(project / "features")
     # One store was interrupted after its first chunk: the cluster must resume it, not restart it.
     reference = open_store(world / "features" / "individual" / "digits-test.zarr")
@@ -52,31 +55,40 @@ def test_two_dask_workers_write_the_single_process_stores_byte_for_byte(world, t
                                              "rows_written", "complete", "sha256")})
     writer.write(0, reference.read(0, reference.chunk_rows))
     done = cli(project, "extract", "--workers", "2", check=True)
-    assert "21 feature stores ready" in done.stdout
+    assert f"{N_STORES} feature stores ready" in done.stdout
     want, got = stores(world), stores(project)
     assert list(got) == list(want)
     for name, path in want.items():
         assert open_store(got[name], deep=True).attrs == open_store(path).attrs, name
         assert chunk_bytes(got[name]) == chunk_bytes(path), name
-    assert not list(project.glob("features/*/*.partial"))
+    assert not list(project.glob("features/**/*.partial"))
 
 
 def test_changing_one_merge_recomputes_only_that_methods_stores(world, tmp_path):
-    project = tmp_path / "copy"
-    shutil.copytree(world, project, symlinks=True)
+    project = copy_project(world, tmp_path / "copy")
     before = {name: json.loads((p / "zarr.json").read_text())["attributes"] for name, p in stores(project).items()}
     done = run([str(BIN / "dvc"), "exp", "run", "-S", "merge.ties_merging.k=50"], project)
     ran = {line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")}
     analyses = {name for name in ran if name.startswith("analysis-")}
-    assert ran - analyses == {"merge@ties_merging", "extract", "surgery@ties_merging", "evaluate"}, done.stdout
-    assert "extract: 3 feature stores to compute (ties_merging), 18 up to date" in done.stdout
+    assert ran - analyses == {"merge@ties_merging", "extract", "surgery", "evaluate"}, done.stdout
+    assert (f"extract: {len(TASKS)} feature stores to compute (merged/ties_merging), "
+            f"{N_STORES - len(TASKS)} up to date") in done.stdout
+    assert "surgery weight_averaging: up to date" in done.stdout  # only the changed entry's adapters retrain
     after = {name: json.loads((p / "zarr.json").read_text())["attributes"] for name, p in stores(project).items()}
     assert set(after) == set(before)
     for name in before:
         changed = after[name]["encoder_fingerprint"] != before[name]["encoder_fingerprint"]
-        assert changed == name.startswith("ties_merging/"), name
-    merged = open_store(project / "features" / "ties_merging" / "digits-test.zarr", deep=True).to_numpy()
-    assert not np.array_equal(merged, open_store(world / "features" / "ties_merging" / "digits-test.zarr").to_numpy())
+        assert changed == name.startswith("merged/ties_merging/"), name
+    store = Path("features/merged/ties_merging/digits-test.zarr")
+    assert not np.array_equal(open_store(project / store, deep=True).to_numpy(), open_store(world / store).to_numpy())
+
+
+def test_a_new_dtype_recomputes_the_stores_instead_of_keeping_float32_ones(world, tmp_path):
+    project = copy_project(world, tmp_path / "copy")
+    params_with(project, project / "params.yaml", extract__dtype="float16")
+    done = cli(project, "extract", check=True)
+    assert f"extract: {N_STORES} feature stores to compute" in done.stdout
+    assert all(open_store(p).dtype == "float16" for p in stores(project).values())
 
 
 def test_unknown_encoder_is_refused(world):
@@ -87,7 +99,7 @@ def test_unknown_encoder_is_refused(world):
 
 def _partial_progress(project: Path) -> list[int]:
     rows = []
-    for attrs in project.glob("features/*/*.zarr.partial/zarr.json"):
+    for attrs in project.glob("features/**/*.zarr.partial/zarr.json"):
         try:
             rows.append(json.loads(attrs.read_text())["attributes"]["rows_written"])
         except (OSError, ValueError, KeyError):
@@ -113,20 +125,20 @@ def test_sigkilled_extract_command_resumes_to_the_uninterrupted_stores(world, tm
         child.wait()
     assert child.returncode == -signal.SIGKILL, child.stderr.read()
     interrupted = _partial_progress(killed)
-    assert interrupted and all(rows < 80 for rows in interrupted) and len(stores(killed)) < 21
+    n_test = TINY["world"]["n_test"]
+    assert interrupted and all(rows < n_test for rows in interrupted) and len(stores(killed)) < N_STORES
     done = cli(killed, "surgery", "ties_merging")  # nothing half-written is trusted meanwhile
     assert done.returncode == 1 and "repsurgery extract" in done.stderr
     cli(killed, "extract", check=True)
     want, got = stores(fresh), stores(killed)
-    assert list(got) == list(want) and not list(killed.glob("features/*/*.partial"))
+    assert list(got) == list(want) and not list(killed.glob("features/**/*.partial"))
     for name, path in want.items():
         assert open_store(got[name], deep=True).attrs == open_store(path).attrs, name
         assert chunk_bytes(got[name]) == chunk_bytes(path), name
 
 
 def test_truncated_store_is_refused_by_the_stages_that_read_it(world, tmp_path):
-    project = tmp_path / "copy"
-    shutil.copytree(world, project, symlinks=True)
+    project = copy_project(world, tmp_path / "copy")
     store = project / "features" / "individual" / "colors-test.zarr"
     next(f for f in (store / "features" / "c").rglob("*") if f.is_file()).unlink()
     done = cli(project, "evaluate")

@@ -5,13 +5,14 @@ import json
 import shutil
 
 import numpy as np
+import yaml
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, cli, params_with, run
+from tests.conftest import BIN, TINY, cli, copy_project, params_with, run
 
-METHODS = ["weight_averaging", "task_arithmetic", "ties_merging", "tw_adamerging", "lw_adamerging"]
+METHODS = list(TINY["merge"])
 
 
 def test_repro_writes_metrics_for_every_method_and_task(world):
@@ -20,7 +21,7 @@ def test_repro_writes_metrics_for_every_method_and_task(world):
     for method in METHODS:
         assert set(metrics[method]) == {"acc", "surgery_acc", "bias", "surgery_bias"}
         for table in metrics[method].values():
-            assert set(table) == {"digits", "colors", "positions", "avg"}
+            assert set(table) == {*TINY["tasks"], "avg"}
     assert 0 <= metrics["individual"]["acc"]["avg"] <= 100
     assert "| Individual |" in (world / "results" / "accuracy.md").read_text()
 
@@ -33,55 +34,57 @@ def test_surgery_reduces_representation_bias(world):
 
 def test_accuracy_from_cached_features_equals_running_the_merged_encoder(world, monkeypatch):
     monkeypatch.chdir(world)
-    from pipeline import clip_model, data
-    from pipeline.heads import logits
-    from stages.common import DATA, HEADS, PRETRAINED, merged_path
-    from stages.features import open_features
+    from pipeline import workspace
+    from pipeline.data import datasets as data
+    from pipeline.features.stores import open_features
+    from pipeline.models import clip
+    from pipeline.models.heads import logits
 
-    encoder = clip_model.image_encoder(PRETRAINED, load_file(str(merged_path("ties_merging"))))
-    dataset = data.ImageDataset(DATA, "colors", "test", clip_model.preprocess_for(clip_model.read_spec(PRETRAINED)))
+    encoder = clip.image_encoder(workspace.PRETRAINED, load_file(str(workspace.merged_checkpoint("ties_merging"))))
+    dataset = data.ImageDataset(workspace.DATA, "colors", "test",
+                                clip.preprocess_for(clip.read_spec(workspace.PRETRAINED)))
     with torch.no_grad():
         live = torch.cat([encoder(x) for x in data.loader(dataset, 50)])
-    cached = torch.from_numpy(open_features("ties_merging", "colors").to_numpy())
+    cached = torch.from_numpy(open_features("merged/ties_merging", "colors").to_numpy())
     assert torch.allclose(live, cached, atol=1e-5)
-    head = load_file(str(HEADS))["colors"]
+    head = load_file(str(workspace.HEADS))["colors"]
     live_acc = (logits(live, head).argmax(1).numpy() == dataset.labels).mean() * 100
     metrics = json.loads((world / "results" / "metrics.json").read_text())
     assert metrics["ties_merging"]["acc"]["colors"] == pytest.approx(live_acc, abs=1e-3)
 
 
-def test_rank_experiment_reruns_only_surgery_and_evaluation(world):
-    done = run([str(BIN / "dvc"), "exp", "run", "-S", "surgery.rank=8"], world)
+def test_rank_experiment_reruns_only_surgery_and_evaluation(world, tmp_path):
+    project = copy_project(world, tmp_path / "copy")
+    done = run([str(BIN / "dvc"), "exp", "run", "-S", "surgery.rank=8"], project)
     ran = {line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")}
     # the analyses that use the pipeline's rank follow it; the rank sweep and the baselines stay cached
     reading_rank = {f"analysis-{a}" for a in ("loss", "data-ratio", "online", "curve", "bias", "tsne")}
-    assert ran == {f"surgery@{m}" for m in METHODS} | {"evaluate"} | reading_rank, done.stdout
-    diff = run([str(BIN / "dvc"), "metrics", "diff", "--json"], world)
+    assert ran == {"surgery", "evaluate"} | reading_rank, done.stdout
+    diff = run([str(BIN / "dvc"), "metrics", "diff", "--json"], project)
     assert "surgery_acc" in diff.stdout
-    run([str(BIN / "dvc"), "exp", "apply", "--help"], world)  # dvc exp tooling is usable
+    run([str(BIN / "dvc"), "exp", "apply", "--help"], project)  # dvc exp tooling is usable
 
 
-def test_unknown_method_is_refused_with_the_valid_names(world):
+def test_unknown_merge_entry_is_refused_with_the_valid_names(world):
     done = cli(world, "merge", "fisher")
     assert done.returncode == 1
-    assert "unknown merge method 'fisher'" in done.stderr and "ties_merging" in done.stderr
+    assert "no merge entry 'fisher'" in done.stderr and "ties_merging" in done.stderr
 
 
 def test_unknown_task_is_refused(world, tmp_path):
     params = params_with(world, tmp_path / "p.yaml", tasks=["digits", "sudoku"])
     done = cli(world, "surgery", "task_arithmetic", "--params", str(params))
-    assert done.returncode == 1 and "unknown task 'sudoku'" in done.stderr
+    assert done.returncode == 1 and "`tasks` = ['sudoku']" in done.stderr and "digits" in done.stderr
 
 
 def test_non_positive_rank_is_refused(world, tmp_path):
     params = params_with(world, tmp_path / "p.yaml", surgery__rank=0)
     done = cli(world, "surgery", "task_arithmetic", "--params", str(params))
-    assert done.returncode == 1 and "surgery.rank must be a positive integer" in done.stderr
+    assert done.returncode == 1 and "`surgery.rank` = 0: input should be greater than 0" in done.stderr
 
 
 def test_missing_and_mismatched_checkpoints_are_named(world, tmp_path):
-    project = tmp_path / "copy"
-    shutil.copytree(world, project, symlinks=True)
+    project = copy_project(world, tmp_path / "copy")
     (project / "models" / "finetuned" / "colors.safetensors").unlink()
     done = cli(project, "merge", "task_arithmetic")
     assert done.returncode == 1 and "colors.safetensors does not exist" in done.stderr
@@ -92,13 +95,12 @@ def test_missing_and_mismatched_checkpoints_are_named(world, tmp_path):
     done = cli(project, "merge", "task_arithmetic")
     assert done.returncode == 1
     assert "'proj' has shape (7, 3)" in done.stderr and "needs (32, 32)" in done.stderr
-    assert not (project / "models" / "merged" / "task_arithmetic.safetensors.tmp").exists()
+    assert not [p for p in (project / "models" / "merged").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_interrupted_store_is_refused_and_nothing_looks_complete(world, tmp_path):
-    project = tmp_path / "copy"
-    shutil.copytree(world, project, symlinks=True)
-    store = project / "features" / "ties_merging" / "colors-test.zarr"
+    project = copy_project(world, tmp_path / "copy")
+    store = project / "features" / "merged" / "ties_merging" / "colors-test.zarr"
     shutil.move(store, store.with_name(store.name + ".partial"))
     done = cli(project, "surgery", "ties_merging")
     assert done.returncode == 1
@@ -108,8 +110,7 @@ def test_interrupted_store_is_refused_and_nothing_looks_complete(world, tmp_path
 
 
 def test_store_of_another_encoder_is_refused(world, tmp_path):
-    project = tmp_path / "copy"
-    shutil.copytree(world, project, symlinks=True)
+    project = copy_project(world, tmp_path / "copy")
     params_with(project, project / "params.yaml", merge__ties_merging__k=50)
     assert cli(project, "merge", "ties_merging").returncode == 0  # merged again, features now stale
     done = cli(project, "surgery", "ties_merging")
@@ -125,3 +126,50 @@ def test_adamerging_coefficients_are_clamped_and_recorded(world):
     assert np.array(tw["lambdas"]).shape == (3, 1)
     assert np.array(lw["lambdas"]).shape == (3, len(lw["keys"]))
     assert all(0 <= v <= 1 for row in lw["lambdas"] for v in row)
+
+
+def test_surgery_and_evaluation_need_only_the_pulled_stores_and_heads(world, tmp_path):
+    """The laptop workflow: `dvc pull extract heads` brings features/ and models/heads.safetensors;
+    no images, no encoder checkpoints."""
+    project = copy_project(world, tmp_path / "copy")
+    for gone in ("data", "models/pretrained", "models/finetuned", "models/merged", "models/surgery", "results"):
+        shutil.rmtree(project / gone)
+    cli(project, "surgery", check=True)
+    cli(project, "evaluate", check=True)
+    assert json.loads((project / "results" / "metrics.json").read_text()) == \
+        json.loads((world / "results" / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"surgery__rnk": 3}, "`surgery.rnk` is not a known key"),
+    ({"surgery__steps": "10"}, "`surgery.steps` = '10': input should be a valid integer"),
+    ({"merge__ties_merging__k": 120}, "`merge.ties_merging.k` = 120: input should be less than or equal to 100"),
+    ({"merge__lw_adamerging__steps": 0}, "`merge.lw_adamerging.steps` = 0: input should be greater than 0"),
+    ({"surgery__loss": "l3"}, "`surgery.loss` = 'l3': input should be 'l1', 'mse', 'smooth_l1' or 'cosine'"),
+    ({"tasks": ["digits", "digits"]}, "`tasks` = ['digits', 'digits']: expected each task once"),
+    ({"surgery__batch_size": 10_000}, "`surgery.batch_size` = 10000: expected at most the smallest task's"),
+])
+def test_params_mistakes_are_one_line_naming_key_value_and_file(world, tmp_path, change, message):
+    params = params_with(world, tmp_path / "p.yaml", **change)
+    done = cli(world, "surgery", "--params", str(params))
+    assert done.returncode == 1 and message in done.stderr and str(params) in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_missing_params_section_is_named(world, tmp_path):
+    raw = yaml.safe_load((world / "params.yaml").read_text())
+    del raw["surgery"]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    done = cli(world, "evaluate", "--params", str(tmp_path / "p.yaml"))
+    assert done.returncode == 1 and "params `surgery` is missing" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_make_clean_keeps_the_committed_results():
+    from tests.conftest import ROOT
+
+    dry = run(["make", "-n", "clean"], ROOT).stdout
+    tracked = run(["git", "ls-files"], ROOT).stdout.split()
+    removed = [word for line in dry.splitlines() if line.startswith("rm ") for word in line.split()[1:]
+               if not word.startswith("-")]
+    assert removed and not [path for path in tracked if any(path == r or path.startswith(r.rstrip("/") + "/")
+                                                             for r in removed)], dry

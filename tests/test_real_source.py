@@ -20,8 +20,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import BIN, TINY, cli, env, make_project, run
-from pipeline.catalog import classnames_and_templates
-from pipeline.importing import IMAGE_TYPE
+from pipeline.data.catalog import classnames_and_templates
+from pipeline.data.importing import IMAGE_TYPE
 from test_convert import task_arithmetic_pickle
 
 # An open_clip model config (the format of open_clip's model_configs/*.json), BPE tokenizer.
@@ -107,7 +107,7 @@ def test_repro_runs_the_whole_pipeline_on_a_real_source(project, real_like):
 
 
 def test_imported_splits_keep_their_labels_and_the_paper_class_names(project):
-    from pipeline import data
+    from pipeline.data import datasets as data
 
     for task in ("mnist", "svhn", "eurosat"):
         info = data.task_info(project / "data", task)
@@ -121,7 +121,7 @@ def test_imported_splits_keep_their_labels_and_the_paper_class_names(project):
 
 
 def test_finetuned_checkpoints_are_converted_exactly(project, real_like):
-    from pipeline.checkpoints import load_state, read_metadata
+    from pipeline.models.checkpoints import load_state, read_metadata
 
     torch.manual_seed(0)
     visual = open_clip.CLIP(**CONFIG).visual.state_dict()
@@ -142,7 +142,7 @@ def test_heads_use_the_paper_templates_and_the_bpe_tokenizer(project):
 def test_convert_command_writes_a_fingerprinted_canonical_file(project, real_like):
     done = cli(project, "convert", str(real_like["root"] / "svhn_finetuned.pt"), "out.safetensors")
     assert done.returncode == 0, done.stderr
-    from pipeline.checkpoints import fingerprint, load_state, read_metadata
+    from pipeline.models.checkpoints import fingerprint, load_state, read_metadata
 
     meta = read_metadata(project / "out.safetensors")
     assert meta["fingerprint"] == fingerprint(load_state(project / "out.safetensors"))

@@ -15,12 +15,14 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from pipeline import data, hub
+from pipeline.data import datasets as data
+from pipeline.data import hub
 from pipeline.errors import PipelineError
-from pipeline.heads import zeroshot_weights
-from pipeline.importing import IMAGE_TYPE, import_split
+from pipeline.models.heads import zeroshot_weights
+from pipeline.data.importing import IMAGE_TYPE, import_split
 from stages.presets import paper_params, preset_text
-from stages.prepare import fetch_items, source
+from pipeline import config
+from pipeline.data.sources import fetch_items
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,9 +37,11 @@ def test_paper_presets_name_the_eight_tasks_on_the_hub(name, arch):
     params = yaml.safe_load(preset_text(name))
     assert params["tasks"] == ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
     assert params["source"]["pretrained"] == {"arch": arch, "weights": "openai"}
-    assert params["adamerging"]["lw_adamerging"]["steps"] == 500
+    adamerging = [e for e in params["merge"].values() if e.get("method") == "adamerging"]
+    assert adamerging and all(e["steps"] == 500 for e in adamerging)
     assert params["surgery"] == yaml.safe_load((ROOT / "params.yaml").read_text())["surgery"]
-    items = {name: (ref, patterns) for name, ref, patterns in fetch_items(params)}
+    typed = config.validate(params)
+    items = {name: (ref, patterns) for name, ref, patterns in fetch_items(typed.source, typed.tasks, "test")}
     assert len(items) == 17  # pretrained + 8 fine-tuned + 8 test splits
     ref, patterns = items["svhn test split"]
     assert (ref.repo_id, ref.subfolder, ref.kind) == ("ufldl-stanford/svhn", "cropped_digits", "dataset")
@@ -48,10 +52,10 @@ def test_paper_presets_name_the_eight_tasks_on_the_hub(name, arch):
 def test_incomplete_sources_are_refused_naming_the_gap():
     params = paper_params("paper-vit-b-32")
     del params["source"]["finetuned"]["dtd"]
-    with pytest.raises(PipelineError, match=r"source.finetuned.*\['dtd'\]"):
-        source(params)
-    with pytest.raises(PipelineError, match="unknown key"):
-        source({**params, "source": {**params["source"], "model": "x"}})
+    with pytest.raises(PipelineError, match=r"source.finetuned.*missing: dtd"):
+        config.validate(params)
+    with pytest.raises(PipelineError, match="`source.model` is not a known key"):
+        config.validate({**params, "source": {**params["source"], "model": "x"}})
 
 
 def test_fetch_records_sizes_and_hashes_and_stops_at_the_first_connection_failure(tmp_path):

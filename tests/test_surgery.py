@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.surgery import Surgery, loss_fn, train
+from pipeline.surgery.training import Surgery, loss_fn, train
 
 
 def test_surgery_is_the_identity_at_initialisation():

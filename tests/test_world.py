@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import data
+from pipeline.data import datasets as data
 from pipeline.world import images
 from pipeline.world.pretrain import Captions, build_tokenizer
 

@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from cache.files import atomic_path
+
 CANVAS = 64
 COLOURS = {  # name -> RGB centre; the colours task jitters around these
     "red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (240, 225, 40), "green": (40, 170, 50),
@@ -262,9 +264,8 @@ def _write_split(path: Path, task: str, split: str, n: int, size: int, seed: int
     table = pa.table({"image": pa.array(images, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
                       "label": pa.array(labels, type=pa.int64())})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_task(root: Path, task: str, *, n_train: int, n_test: int, size: int = 32, seed: int = 0,

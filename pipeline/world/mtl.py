@@ -9,21 +9,14 @@ of the tasks' cross-entropies; gradients are accumulated task by task (memory of
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.heads import logits
-
-
-def cosine_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to zero: the fine-tuning schedule."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+from pipeline.models.heads import logits
+from pipeline.world.finetune import cosine_factor
 
 
 def train_multitask(encoder: torch.nn.Module, heads: list[torch.Tensor], images: list[torch.Tensor],

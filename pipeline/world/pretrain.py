@@ -18,7 +18,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from pipeline.tokenizer import WordTokenizer
+from pipeline.models.tokenizer import WordTokenizer
 
 
 @dataclass

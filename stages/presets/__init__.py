@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.catalog import PAPER_TASKS
+from pipeline.data.catalog import PAPER_TASKS
+from cache.files import write_text
 from pipeline.errors import PipelineError
 
 # preset -> (open_clip architecture, name in tanganke/clip-vit-*_<task> model ids)
@@ -45,8 +46,9 @@ def paper_params(name: str) -> dict:
         "finetuned": {t: f"hf://tanganke/{model_name}_{hub_task}" for t, (_, hub_task, _) in PAPER_TASKS.items()},
         "datasets": {t: f"hf://{repo}" for t, (repo, _, _) in PAPER_TASKS.items()},
     }
-    for method in params["adamerging"].values():
-        method["steps"] = 500  # the paper's schedule (the miniature world runs 100)
+    for entry in params["merge"].values():
+        if entry.get("method") == "adamerging":
+            entry["steps"] = 500  # the paper's schedule (the miniature world runs 100)
     return params
 
 
@@ -61,8 +63,6 @@ def preset_text(name: str) -> str:
 
 def write_preset(name: str, path: Path) -> None:
     text = preset_text(name)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text(path, text)
     print(f"wrote the {name} preset to {path}" + ("" if name == "world" else
           "; next: `repsurgery fetch` (online), then `dvc repro`"))

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import metrics
+from pipeline.reporting import metrics
 from pipeline.errors import PipelineError
-from pipeline.surgery import Surgery, loss_fn, train
+from pipeline.surgery.training import Surgery, loss_fn, train
 
 
 @dataclass

@@ -12,9 +12,9 @@ from pathlib import Path
 import open_clip
 import torch
 
-from pipeline.checkpoints import StateDict, load_state
+from pipeline.models.checkpoints import StateDict, load_state
 from pipeline.errors import PipelineError
-from pipeline.tokenizer import WordTokenizer
+from pipeline.models.tokenizer import WordTokenizer
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline import safe_pickle
-from pipeline.checkpoints import StateDict, check_compatible
+from pipeline.models import safe_pickle
+from pipeline.models.checkpoints import StateDict, check_compatible
 from pipeline.errors import PipelineError
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

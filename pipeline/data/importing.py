@@ -17,6 +17,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cache.files import atomic_path
 from pipeline.errors import PipelineError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -34,13 +35,11 @@ def looks_like_image_folder(src: Path) -> bool:
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)  # no second copy of a multi-GB split when on the same filesystem
-    except OSError:
-        shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)  # no second copy of a multi-GB split when on the same filesystem
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def _check_shard(shard: Path, n_classes: int) -> int:
@@ -91,9 +90,8 @@ def import_image_folder(src: Path, split: str, out: Path, classnames: list[str],
                           "label": pa.array([label for _, label in part], type=pa.int64())})
         path = out / "data" / f"{split}-{index:05d}-of-{n_shards:05d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
     return len(files)
 
 

@@ -6,11 +6,13 @@ stores to the exact weights that produced them.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from cache.files import atomic_path
 from pipeline.errors import PipelineError
 
 StateDict = dict[str, torch.Tensor]
@@ -27,14 +29,23 @@ def fingerprint(state: StateDict) -> str:
 
 def save_state(path: Path, state: StateDict, **metadata: str) -> str:
     """Write atomically (temp name, then rename) and return the fingerprint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     fp = fingerprint(state)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"fingerprint": fp, **{k: str(v) for k, v in metadata.items()}})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"fingerprint": fp, **{k: str(v) for k, v in metadata.items()}})
+        _sort_header(tmp)
     return fp
+
+
+def _sort_header(path: Path) -> None:
+    """safetensors writes its JSON header (metadata included) in hash order, which differs between
+    processes; sorting it in place makes identical checkpoints identical files (stable dvc.lock)."""
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        handle.seek(8)
+        handle.write(text.ljust(size, b" "))
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -72,3 +83,12 @@ def check_compatible(state: StateDict, reference: StateDict, *, where: str) -> N
                 f"checkpoint {where}: tensor {name!r} has shape {tuple(state[name].shape)}, "
                 f"the architecture needs {tuple(tensor.shape)}. Was it made for another model?"
             )
+
+
+def load_heads(path: Path, tasks: list[str]) -> StateDict:
+    """The zero-shot heads of `tasks` (one (classes, dim) tensor per task)."""
+    heads = load_state(path, hint="Run `repsurgery heads` (or `dvc repro heads`).")
+    missing = [t for t in tasks if t not in heads]
+    if missing:
+        raise PipelineError(f"{path} has no head for task(s) {missing}: run `repsurgery heads` for the current tasks")
+    return heads

@@ -12,9 +12,10 @@ from typing import Callable
 
 import torch
 
-from pipeline import adamerging, surgery
-from pipeline.extraction import Job, Timings, encode, encoder_on, extract, obtain
-from pipeline.measure import peak_memory, sync, timed
+from pipeline.merging.methods import adamerging
+from pipeline.surgery import training as surgery
+from pipeline.features.extraction import Job, Timings, encode, encoder_on, extract, obtain
+from pipeline.benchmarks.measure import peak_memory, sync, timed
 
 RANKS = (4, 8, 16, 32, 64)
 

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from cache import mean_abs_diff
-from pipeline.heads import logits
+from pipeline.models.heads import logits
 
 
 @torch.no_grad()

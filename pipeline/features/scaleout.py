@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from cache import write_region
-from pipeline.extraction import Job, Ref, Target, encode, encoder_on, obtain, open_writers
+from pipeline.features.extraction import Job, Ref, Target, encode, encoder_on, obtain, open_writers
 
 
 def worker_device(device: str) -> torch.device:

@@ -7,12 +7,12 @@ References look like `hf://owner/name[/subfolder]`. A model lands in
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from cache.files import sha256_file, write_text
 from pipeline.errors import PipelineError
 
 PREFIX = "hf://"
@@ -59,11 +59,8 @@ def dataset_patterns(ref: HubRef, split: str) -> list[list[str]]:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path).hexdigest()
+
 
 
 def _snapshot(ref: HubRef, patterns: list[str], cache: Path) -> list[Path]:
@@ -119,9 +116,7 @@ def fetch(items: list[tuple[str, HubRef, list[list[str]]]], cache: Path, *,
         if error is not None and _is_connection_problem(error):
             offline_reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = manifest_path.with_name("manifest.json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(manifest_path)
+    write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     if missing:
         why = (f"the Hugging Face Hub cannot be reached ({offline_reason})" if offline_reason
                else "these were not found on the Hub (check the names in params `source`)")

@@ -14,28 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
+from pipeline.surgery.adapters import Surgery
 
 LOSSES = ("l1", "mse", "smooth_l1", "cosine")
-
-
-class Surgery(torch.nn.Module):
-    """T independent adapters, one per task; identity at initialisation (W_up = 0)."""
-
-    def __init__(self, n_tasks: int, dim: int, rank: int, seed: int = 0):
-        super().__init__()
-        if rank <= 0:
-            raise PipelineError(f"surgery.rank must be a positive integer, got {rank}")
-        generator = torch.Generator().manual_seed(seed)
-        # nn.Linear's default init (kaiming-uniform, a = sqrt(5)): bound 1 / sqrt(fan_in)
-        bound = 1.0 / math.sqrt(dim)
-        self.down = torch.nn.Parameter((torch.rand(n_tasks, rank, dim, generator=generator) * 2 - 1) * bound)
-        self.up = torch.nn.Parameter(torch.zeros(n_tasks, dim, rank))
-
-    def forward(self, z: torch.Tensor, task: int | None = None) -> torch.Tensor:
-        """z: (T, B, d) for all tasks at once, or (B, d) with `task` given."""
-        if task is not None:
-            return z - F.relu(z @ self.down[task].T) @ self.up[task].T
-        return z - torch.bmm(F.relu(torch.bmm(z, self.down.transpose(1, 2))), self.up.transpose(1, 2))
 
 
 def loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

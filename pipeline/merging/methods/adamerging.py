@@ -7,15 +7,18 @@ graph, unlike the reference, which keeps every task's graph alive until one back
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Annotated, Callable, Iterator
 
 import torch
+from pydantic import Field
 from torch.func import functional_call
 
-from pipeline.checkpoints import StateDict
-from pipeline.heads import logits
+from pipeline.merging.inputs import MergeInputs
+from pipeline.merging.registry import Merged, merge_method
+from pipeline.merging.task_vectors import StateDict
+from pipeline.models.heads import logits
 
-METHODS = ("tw_adamerging", "lw_adamerging")
+Positive = Annotated[int, Field(gt=0)]
 
 
 class MergeCoefficients(torch.nn.Module):
@@ -91,3 +94,20 @@ def learn(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch
         curve.append(step(encoder, coeffs, heads, [next(s).to(device, non_blocking=True) for s in streams]))
         optimiser.step()
     return curve
+
+
+@merge_method("adamerging", needs=("heads", "images", "device"),
+              label=lambda p: "Layer-wise AdaMerging" if p.layer_wise else "Task-wise AdaMerging")
+def adamerging(inputs: MergeInputs, *, layer_wise: bool = True, init: Annotated[float, Field(ge=0, le=1)] = 0.3,
+               lr: Annotated[float, Field(gt=0)] = 1e-3, steps: Positive = 500, batch_size: Positive = 16,
+               batches_per_task: Positive = 2, seed: int = 0) -> Merged:
+    """Task-wise (one coefficient per task) or layer-wise (one per task and parameter tensor)."""
+    coeffs = MergeCoefficients(inputs.pretrained, inputs.vectors, layer_wise=layer_wise, init=init)
+    per_task = batch_size * batches_per_task  # the reference takes two batches per task and step
+    streams = [inputs.stream(t, per_task, seed + 1000 * t) for t in range(len(inputs.tasks))]
+    curve = learn(inputs.encoder, coeffs, inputs.heads, streams, steps=steps, lr=lr, device=inputs.device,
+                  progress=lambda it: inputs.progress(it, desc=inputs.method, unit="step"))
+    with torch.no_grad():
+        merged = {k: v.cpu() for k, v in coeffs.merged().items()}
+    return Merged(merged, {"keys": coeffs.keys if layer_wise else ["all"], "lambdas": coeffs.clamped().tolist(),
+                           "loss_first": curve[0], "loss_last": curve[-1]})

@@ -21,8 +21,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cache import StoreError, StoreWriter, open_store, open_writer
-from pipeline.data import loader
+from cache import CODE_VERSION, StoreError, StoreWriter, open_store, open_writer
+from pipeline.data.datasets import loader
+
+# Bump when the way features are computed changes (preprocessing, the encoder call): stores
+# made by older code are then recomputed rather than trusted.
+EXTRACTION_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -94,10 +98,16 @@ def encode(encoder: torch.nn.Module, images: torch.Tensor, autocast: torch.dtype
         return encoder(images).float().cpu().numpy()
 
 
-def is_done(target: Target) -> bool:
-    """A finished store of the same encoder and images exists: nothing to recompute."""
+def identity(target: Target, dtype: str) -> dict:
+    """Everything a store's features depend on: encoder and dataset fingerprints, preprocessing,
+    task and split (the target's attrs), the stored dtype, autocast and the code versions."""
+    return {**target.attrs, "dtype": dtype, "code_version": CODE_VERSION}
+
+
+def is_done(target: Target, dtype: str) -> bool:
+    """A finished store of the same encoder, images and precision exists: nothing to recompute."""
     try:
-        open_store(target.path, expect=target.attrs)
+        open_store(target.path, expect=identity(target, dtype))
         return True
     except StoreError:
         return False
@@ -108,7 +118,7 @@ def open_writers(job: Job, *, dim: int, batch_size: int, dtype: str, fix_hint: C
     """Writers (new or resumed `.partial` stores) for the job's targets that are not done yet."""
     return [(t, open_writer(t.path, n_rows=job.n_rows, dim=dim, dtype=dtype, chunk_rows=batch_size,
                             attrs=t.attrs, fix_hint=fix_hint(t)))
-            for t in job.targets if not is_done(t)]
+            for t in job.targets if not is_done(t, dtype)]
 
 
 def extract(jobs: list[Job], *, dim: int, batch_size: int, device: torch.device, dtype: str = "float32",

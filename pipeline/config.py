@@ -1,0 +1,306 @@
+"""Typed params, validated once when a command starts.
+
+`load(path)` reads params.yaml (or a preset) and returns a `Params` object; any mistake (an
+unknown or missing key, a wrong type, a value out of range, an unknown task, merge method or
+loss) is one `PipelineError` line naming the key, the value, what is allowed and the file.
+Each `merge:` entry is checked against its registered method's signature.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from pipeline.errors import PipelineError
+from pipeline.surgery.training import LOSSES
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Share = Annotated[float, Field(ge=0, le=1)]
+KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class World(Section):
+    seed: int
+    image_size: PositiveInt
+    n_train: PositiveInt
+    n_test: PositiveInt
+    noise: Annotated[float, Field(ge=0)]
+    clutter: Annotated[int, Field(ge=0)]
+
+
+class Tower(Section):
+    width: PositiveInt
+    layers: PositiveInt
+    heads: PositiveInt
+
+
+class VisionTower(Tower):
+    patch_size: PositiveInt
+
+
+class TextTower(Tower):
+    context_length: PositiveInt
+
+
+class Model(Section):
+    embed_dim: PositiveInt
+    vision: VisionTower
+    text: TextTower
+
+
+class Training(Section):
+    steps: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    weight_decay: Annotated[float, Field(ge=0)]
+
+
+class Pretrain(Training):
+    named: dict[str, Share]
+    alias: dict[str, Share]
+
+    @field_validator("named", "alias")
+    @classmethod
+    def _has_default(cls, value: dict) -> dict:
+        if "default" not in value:
+            raise ValueError("needs a `default` share (and optionally one per task)")
+        return value
+
+
+class Finetune(Training):
+    warmup: Annotated[int, Field(ge=0)]
+
+
+class Extract(Section):
+    batch_size: PositiveInt
+    dtype: Literal["float32", "float16"]
+    autocast: Literal["none", "bf16", "fp16"]
+
+
+class Surgery(Section):
+    rank: PositiveInt
+    lr: PositiveFloat
+    steps: PositiveInt
+    batch_size: PositiveInt
+    loss: Literal[LOSSES]
+    seed: int
+
+
+class RankSweep(Section):
+    ranks: Annotated[list[PositiveInt], Field(min_length=1)]
+
+
+class LossSweep(Section):
+    losses: Annotated[list[Literal[LOSSES]], Field(min_length=1)]
+
+
+class DataRatio(Section):
+    ratios: Annotated[list[Fraction], Field(min_length=1)]
+    seed: int
+
+
+class Online(Section):
+    checkpoints: Annotated[list[Fraction], Field(min_length=1)]
+    seed: int
+
+
+class Curve(Section):
+    eval_every: PositiveInt
+
+
+class Tsne(Section):
+    methods: list[str]
+    samples: PositiveInt
+    perplexity: PositiveFloat
+    seed: int
+
+
+class Analyses(Section):
+    rank: RankSweep
+    loss: LossSweep
+    data_ratio: DataRatio
+    online: Online
+    curve: Curve
+    tsne: Tsne
+
+
+class PretrainedSource(Section):
+    arch: str | None = None
+    config: str | None = None
+    weights: str
+
+    @model_validator(mode="after")
+    def _one_architecture(self):
+        if (self.arch is None) == (self.config is None):
+            raise ValueError("give exactly one of `arch` (an open_clip name) or `config` (a model config JSON file)")
+        return self
+
+
+class Source(Section):
+    cache: str = "~/.cache/repsurgery"
+    pretrained: PretrainedSource
+    finetuned: dict[str, str]
+    datasets: dict[str, str]
+    classnames: dict[str, list[str]] = {}
+    templates: dict[str, list[str]] = {}
+
+
+class MergeEntry(BaseModel):
+    """One `merge:` entry: a registered method (default: the entry's key) and its params."""
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    key: str
+    method: str
+    label: str
+    params: BaseModel
+
+
+class Params(Section):
+    tasks: Annotated[list[str], Field(min_length=1)]
+    source: Literal["world"] | dict[str, Any]  # a mapping becomes a `Source` in `validate`
+    world: World
+    model: Model
+    pretrain: Pretrain
+    finetune: Finetune
+    merge: dict[str, dict[str, Any]]
+    extract: Extract
+    surgery: Surgery
+    mtl: Finetune
+    analyses: Analyses
+    _entries: dict[str, MergeEntry] = PrivateAttr(default_factory=dict)
+
+    @property
+    def is_world(self) -> bool:
+        return self.source == "world"
+
+    @property
+    def methods(self) -> list[str]:
+        """The merge entries that run, in params order: the keys of metrics.json."""
+        return list(self.merge)
+
+    def merge_entry(self, key: str) -> MergeEntry:
+        if key not in self.merge:
+            raise PipelineError(f"no merge entry {key!r} in params `merge`: the entries are {', '.join(self.merge)}")
+        return self._entries[key]
+
+    def labels(self) -> dict[str, str]:
+        """Readable names of the merge entries, for tables and figures."""
+        return {key: entry.label for key, entry in self._entries.items()}
+
+
+def merge_entries(section: dict[str, dict]) -> dict[str, MergeEntry]:
+    """Validate every `merge:` entry against its method's signature; readable, unique labels."""
+    from pipeline.merging import registry
+
+    entries = {}
+    for key, values in section.items():
+        values = dict(values or {})
+        if not KEY.match(key):
+            raise _error(f"merge.{key}", key, "a name of letters, digits and underscores (it names files and "
+                         "DVC stages)")
+        name = values.pop("method", key)
+        label = values.pop("label", None)
+        if name not in registry.available():
+            raise _error(f"merge.{key}.method", name, f"a registered merge method: {', '.join(registry.available())}"
+                         " (or set `method:` to one of them)")
+        method = registry.get(name)
+        try:
+            params = method.params.model_validate(values)
+        except ValidationError as exc:
+            raise _from_validation(exc, prefix=f"merge.{key}.") from None
+        entries[key] = MergeEntry(key=key, method=name, label=label or method.display(params), params=params)
+    seen: dict[str, int] = {}
+    for entry in entries.values():
+        seen[entry.label] = seen.get(entry.label, 0) + 1
+    return {k: e.model_copy(update={"label": f"{e.label} ({k})"}) if seen[e.label] > 1 else e
+            for k, e in entries.items()}
+
+
+def _error(key: str, value: Any, allowed: str) -> PipelineError:
+    return PipelineError(f"params `{key}` = {value!r}: expected {allowed}")
+
+
+def _from_validation(exc: ValidationError, prefix: str = "") -> PipelineError:
+    first = exc.errors()[0]
+    key = prefix + ".".join(str(part) for part in first["loc"])
+    if first["type"] == "missing":
+        return PipelineError(f"params `{key}` is missing")
+    if first["type"] == "extra_forbidden":
+        return PipelineError(f"params `{key}` is not a known key (remove it, or check its spelling)")
+    value = first.get("input")
+    return PipelineError(f"params `{key}` = {value!r}: {first['msg'][0].lower()}{first['msg'][1:]}")
+
+
+def validate(raw: Any) -> Params:
+    if not isinstance(raw, dict):
+        raise PipelineError("params must be a mapping of sections (tasks, source, merge, surgery, ...)")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as exc:
+        raise _from_validation(exc) from None
+    if not params.is_world:
+        try:
+            source = Source.model_validate(params.source)
+        except ValidationError as exc:
+            raise _from_validation(exc, prefix="source.") from None
+        params = params.model_copy(update={"source": source})
+    duplicated = sorted({t for t in params.tasks if params.tasks.count(t) > 1})
+    if duplicated:
+        raise _error("tasks", params.tasks, f"each task once ({', '.join(duplicated)} listed twice)")
+    _check_tasks(params)
+    if not params.merge:
+        raise _error("merge", {}, "at least one merge entry")
+    params._entries = merge_entries(params.merge)
+    for method in params.analyses.tsne.methods:
+        if method not in params.merge:
+            raise _error("analyses.tsne.methods", method, f"entries of `merge`: {', '.join(params.merge)}")
+    return params
+
+
+def _check_tasks(params: Params) -> None:
+    if params.is_world:
+        from pipeline.world.images import TASK_NAMES
+
+        unknown = [t for t in params.tasks if t not in TASK_NAMES]
+        if unknown:
+            raise _error("tasks", unknown, f"tasks of the miniature world: {', '.join(TASK_NAMES)}")
+        return
+    for key in ("datasets", "finetuned"):
+        lacking = [t for t in params.tasks if t not in getattr(params.source, key)]
+        if lacking:
+            raise _error(f"source.{key}", sorted(getattr(params.source, key)), f"an entry for every task "
+                         f"(missing: {', '.join(lacking)})")
+
+
+def load(path: Path | str = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"no params file at {path.resolve()}: run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    try:
+        return validate(raw)
+    except PipelineError as exc:
+        raise PipelineError(f"{path}: {exc}") from None
+
+
+def check_rows(params: Params, rows: dict[str, int], *, merge_key: str | None = None) -> None:
+    """A batch size that samples a task's test rows must not exceed them (known once data exists):
+    surgery's, or with `merge_key` that merge entry's `batch_size`."""
+    fewest = min(rows, key=rows.get)
+    if merge_key is None:
+        key, size = "surgery.batch_size", params.surgery.batch_size
+    else:
+        key, size = f"merge.{merge_key}.batch_size", getattr(params.merge_entry(merge_key).params, "batch_size", 0)
+    if size > rows[fewest]:
+        raise _error(key, size, f"at most the smallest task's {rows[fewest]} test rows ({fewest})")

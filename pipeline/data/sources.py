@@ -1,0 +1,77 @@
+"""Where a real setting's models and test splits come from (params `source`): Hub entries
+(`hf://owner/name[/subfolder]`) resolved in the fetch cache, or local paths; the list of
+downloads `repsurgery fetch` makes. Nothing here touches the network except `hub.fetch`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+
+from pipeline.data import hub
+from pipeline.errors import PipelineError
+
+PRETRAINED_FILES = [["open_clip_model.safetensors"], ["open_clip_pytorch_model.bin"]]
+
+
+def cache_dir(src) -> Path:
+    return Path(src.cache).expanduser()
+
+
+def pretrained_hub_ref(pretrained) -> hub.HubRef | None:
+    """Where open_clip publishes the weights of an (arch, tag) pair; None for a local file."""
+    weights = str(pretrained.weights)
+    if Path(weights).expanduser().suffix in (".pt", ".bin", ".pth", ".safetensors") or not pretrained.arch:
+        return None
+    cfg = open_clip.get_pretrained_cfg(pretrained.arch, weights)
+    if not cfg.get("hf_hub"):
+        raise PipelineError(f"open_clip has no Hub copy of {pretrained.arch} / {weights!r}: download the weights "
+                            "yourself and set `source.pretrained.weights` to the file")
+    return hub.HubRef(cfg["hf_hub"].strip("/"), "", "model")
+
+
+def fetch_items(src, tasks: list[str], split: str) -> list[tuple[str, hub.HubRef, list[list[str]]]]:
+    """Everything the source names on the Hub, as (what, where, file patterns)."""
+    items = []
+    ref = pretrained_hub_ref(src.pretrained)
+    if ref:
+        items.append((f"pretrained {src.pretrained.arch}", ref, PRETRAINED_FILES))
+    for task in tasks:
+        if hub.is_hub(src.finetuned[task]):
+            ref = hub.parse(src.finetuned[task], "model")
+            items.append((f"fine-tuned {task}", ref, hub.model_patterns(ref)))
+        if hub.is_hub(src.datasets[task]):
+            ref = hub.parse(src.datasets[task], "dataset")
+            items.append((f"{task} {split} split", ref, hub.dataset_patterns(ref, split)))
+    return items
+
+
+def local(ref: str, kind: str, src, what: str) -> Path:
+    """The local path of a source entry: a hub download in the cache, or a user's path."""
+    if hub.is_hub(ref):
+        path = hub.parse(ref, kind).path_in(cache_dir(src))
+        if not path.exists():
+            raise PipelineError(f"{what}: {ref} is not in the cache ({path}). Run `repsurgery fetch` (needs network), "
+                                "or put the files there by hand, or point params `source` at a local path")
+        return path
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise PipelineError(f"{what}: {path} does not exist (params `source`)")
+    return path
+
+
+def pretrained_weights(src) -> Path:
+    ref = pretrained_hub_ref(src.pretrained)
+    if ref is None:
+        return local(str(src.pretrained.weights), "model", src, "pretrained weights")
+    from huggingface_hub import try_to_load_from_cache
+
+    folder = ref.path_in(cache_dir(src))
+    for (name,) in PRETRAINED_FILES:
+        if (folder / name).exists():
+            return folder / name
+        cached = try_to_load_from_cache(ref.repo_id, name)  # where open_clip itself would have put it
+        if isinstance(cached, str):
+            return Path(cached)
+    raise PipelineError(f"pretrained weights of {src.pretrained.arch} are neither in {folder} nor in the "
+                        "Hugging Face cache that open_clip uses. Run `repsurgery fetch` (needs network), or set "
+                        "`source.pretrained.weights` to a local file")

@@ -1,0 +1,77 @@
+"""The extraction jobs of a workspace: per task, its images once, through every encoder
+that needs them. Encoders and datasets travel as picklable `Ref`s, so the same jobs run in
+this process or on Dask workers (which import `pipeline` and `cache` only)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from pipeline import workspace
+from pipeline.data import datasets
+from pipeline.errors import PipelineError
+from pipeline.features.extraction import EXTRACTION_VERSION, Job, Ref, Target
+from pipeline.features.stores import checkpoint_fingerprint, fix_hint
+from pipeline.models import clip
+from pipeline.models.checkpoints import load_state
+
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_encoder(model_dir: str, weights: str | None) -> torch.nn.Module:
+    """The image tower of the CLIP in `model_dir` with `weights` (picklable: Dask workers call it)."""
+    encoder = clip.image_encoder(Path(model_dir))
+    if weights is not None:
+        encoder.load_state_dict(load_state(Path(weights), like=encoder.state_dict()))
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder.eval()
+
+
+def build_dataset(root: str, task: str, split: str, model_dir: str) -> datasets.ImageDataset:
+    """A task's split with the CLIP's validation transform (picklable: Dask workers call it)."""
+    transform = clip.preprocess_for(clip.read_spec(Path(model_dir)))
+    return datasets.ImageDataset(Path(root), task, split, transform)
+
+
+def encoder_ref(encoder: str, task: str) -> Ref:
+    weights = workspace.checkpoint(encoder, task)
+    if weights is not None and not weights.exists():
+        raise PipelineError(f"checkpoint {weights} does not exist: it is needed for the {encoder} features. "
+                            + ("Run `repsurgery prepare-finetuned`." if encoder == "individual" else
+                               f"Run `repsurgery merge {encoder.removeprefix('merged/')}` first."))
+    return Ref(f"encoder:{checkpoint_fingerprint(encoder, task)}",
+               functools.partial(build_encoder, str(workspace.PRETRAINED.resolve()),
+                                 None if weights is None else str(weights.resolve())))
+
+
+def dataset_ref(task: str, fingerprint: str) -> Ref:
+    return Ref(f"data:{fingerprint}", functools.partial(build_dataset, str(workspace.DATA.resolve()), task,
+                                                        workspace.SPLIT, str(workspace.PRETRAINED.resolve())))
+
+
+def jobs(tasks: list[str], encoders: list[str], *, autocast: str) -> list[Job]:
+    """One job per task: the task's images once, through every named encoder (the individual
+    encoder of a task is that task's own fine-tuned one)."""
+    spec = clip.read_spec(workspace.PRETRAINED)
+    out = []
+    for task in tasks:
+        data_fp = datasets.dataset_fingerprint(workspace.DATA, task, workspace.SPLIT)
+        attrs = {"task": task, "split": workspace.SPLIT, "dataset_fingerprint": data_fp,
+                 "preprocess": spec.get("preprocess") or spec.get("arch"), "autocast": autocast,
+                 "extraction_version": EXTRACTION_VERSION}
+        targets = [Target(encoder_ref(name, task), workspace.store(name, task),
+                          {"encoder_fingerprint": checkpoint_fingerprint(name, task), **attrs})
+                   for name in encoders]
+        out.append(Job(dataset_ref(task, data_fp), n_rows=len(datasets.labels(workspace.DATA, task, workspace.SPLIT)),
+                       targets=targets, name=task))
+    return out
+
+
+def feature_dim() -> int:
+    return clip.build_clip(clip.read_spec(workspace.PRETRAINED)).visual.output_dim
+
+
+def hint(target: Target) -> str:
+    return fix_hint(str(target.path.parent.relative_to(workspace.FEATURES)))

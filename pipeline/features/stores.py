@@ -1,0 +1,69 @@
+"""Opening cached features safely, by encoder name: a store is used only if it is complete
+and was made by the weights the workspace holds now (no model code is imported here, so
+surgery and evaluation start fast and never run an encoder).
+
+Where a checkpoint is absent (only the stores were pulled from a DVC remote, to run surgery
+on a laptop) the store is taken as recorded: the DVC lock that brought both vouches for it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import torch
+
+from cache import FeatureStore, open_store
+from pipeline import workspace
+from pipeline.errors import PipelineError
+from pipeline.models.checkpoints import fingerprint, read_metadata
+
+
+def fix_hint(encoder: str) -> str:
+    if encoder == "mtl":
+        return "run `repsurgery mtl` (miniature world only)"
+    return f"run `repsurgery extract {encoder.removeprefix('merged/')}` (or `dvc repro extract` for every encoder)"
+
+
+@functools.lru_cache(maxsize=1)
+def pretrained_fingerprint() -> str:
+    """Hashed once per process: every task's pretrained store is checked against it."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(workspace.pretrained_clip()))
+    return fingerprint({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
+
+
+def checkpoint_fingerprint(encoder: str, task: str) -> str | None:
+    """Fingerprint of the weights `encoder` names now (None: that checkpoint is not here)."""
+    path = workspace.checkpoint(encoder, task)
+    if path is None:
+        return pretrained_fingerprint() if workspace.pretrained_clip().exists() else None
+    return read_metadata(path)["fingerprint"] if path.exists() else None
+
+
+def open_features(encoder: str, task: str) -> FeatureStore:
+    expect = {"task": task, "split": workspace.SPLIT}
+    fp = checkpoint_fingerprint(encoder, task)
+    if fp is not None:
+        expect["encoder_fingerprint"] = fp
+    return open_store(workspace.store(encoder, task), expect=expect, fix_hint=fix_hint(encoder))
+
+
+def read_features(encoder: str, tasks: list[str]) -> list[torch.Tensor]:
+    """Every task's features of one encoder, in memory as float32 (N_t, d) tensors."""
+    return [torch.from_numpy(open_features(encoder, t).to_numpy()) for t in tasks]
+
+
+def write_labels(task: str, labels: np.ndarray, dataset_fingerprint: str) -> None:
+    workspace.write_json(workspace.labels(task), {"task": task, "split": workspace.SPLIT,
+                                                  "dataset_fingerprint": dataset_fingerprint,
+                                                  "labels": [int(y) for y in labels]})
+
+
+def read_labels(task: str) -> np.ndarray:
+    """A task's test labels, as the extract stage saved them beside the features."""
+    path = workspace.labels(task)
+    if not path.exists():
+        raise PipelineError(f"no labels for task {task!r} at {path}: {fix_hint('individual')}")
+    return np.asarray(json.loads(path.read_text())["labels"], dtype=np.int64)

@@ -1,0 +1,65 @@
+"""The surgery adapters z_hat = z - W_up ReLU(W_down z), one per task, and their checkpoints."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import workspace
+from pipeline.errors import PipelineError
+from pipeline.models.checkpoints import load_state, read_metadata, save_state
+
+
+class Surgery(torch.nn.Module):
+    """T independent adapters, one per task; identity at initialisation (W_up = 0)."""
+
+    def __init__(self, n_tasks: int, dim: int, rank: int, seed: int = 0):
+        super().__init__()
+        if rank <= 0:
+            raise PipelineError(f"surgery.rank must be a positive integer, got {rank}")
+        generator = torch.Generator().manual_seed(seed)
+        # nn.Linear's default init (kaiming-uniform, a = sqrt(5)): bound 1 / sqrt(fan_in)
+        bound = 1.0 / math.sqrt(dim)
+        self.down = torch.nn.Parameter((torch.rand(n_tasks, rank, dim, generator=generator) * 2 - 1) * bound)
+        self.up = torch.nn.Parameter(torch.zeros(n_tasks, dim, rank))
+
+    def forward(self, z: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """z: (T, B, d) for all tasks at once, or (B, d) with `task` given."""
+        if task is not None:
+            return z - F.relu(z @ self.down[task].T) @ self.up[task].T
+        return z - torch.bmm(F.relu(torch.bmm(z, self.down.transpose(1, 2))), self.up.transpose(1, 2))
+
+
+
+def inputs_digest(**identity) -> str:
+    """A short hash of everything a trained adapter depends on (features, tasks, settings)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_surgery(key: str, module: Surgery, *, tasks: list[str], inputs: str) -> Path:
+    path = workspace.surgery_checkpoint(key)
+    save_state(path, module.state_dict(), method=key, tasks=json.dumps(tasks), inputs=inputs)
+    return path
+
+
+def trained_inputs(key: str) -> str | None:
+    """The inputs digest a merge entry's saved adapters were trained from (None if there are none)."""
+    path = workspace.surgery_checkpoint(key)
+    return read_metadata(path).get("inputs") if path.exists() else None
+
+
+def load_surgery(key: str, tasks: list[str]) -> Surgery:
+    """A merge entry's trained adapters, refused if they were trained for other tasks."""
+    path, hint = workspace.surgery_checkpoint(key), f"run `repsurgery surgery {key}`"
+    state = load_state(path, hint=hint[0].upper() + hint[1:] + ".")
+    trained_on = json.loads(read_metadata(path)["tasks"])
+    if trained_on != tasks:
+        raise PipelineError(f"{path} was trained for tasks {trained_on}, params list {tasks}: {hint}")
+    n_tasks, rank, dim = state["down"].shape
+    module = Surgery(n_tasks, dim, rank)
+    module.load_state_dict(state)
+    return module.eval()

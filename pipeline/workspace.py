@@ -1,0 +1,98 @@
+"""Where everything lives on disk: the one module that knows the workspace layout.
+
+Paths are relative to the project root (the working directory of every stage, as DVC runs
+them). Encoders are named as their feature folders: `pretrained`, `individual` (each task's
+fine-tuned encoder on its own task), `mtl` (Traditional MTL, miniature world) and
+`merged/<key>` for each entry of params `merge`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cache.files import write_text
+
+SPLIT = "test"  # merging, surgery and evaluation all use the unlabeled test split
+
+DATA = Path("data")
+MODELS = Path("models")
+PRETRAINED = MODELS / "pretrained"
+FINETUNED = MODELS / "finetuned"
+MERGED = MODELS / "merged"
+SURGERY = MODELS / "surgery"
+HEADS = MODELS / "heads.safetensors"
+MTL = MODELS / "mtl"
+MTL_ENCODER = MTL / "encoder.safetensors"
+FEATURES = Path("features")
+LABELS = FEATURES / "labels"
+RESULTS = Path("results")
+METRICS = RESULTS / "metrics.json"
+ACCURACY_TABLE = RESULTS / "accuracy.md"
+ANALYSES = RESULTS / "analyses"
+REFERENCE_ENCODERS = ("pretrained", "individual")
+
+
+def merged_encoder(key: str) -> str:
+    return f"merged/{key}"
+
+
+def pretrained_clip() -> Path:
+    return PRETRAINED / "clip.safetensors"
+
+
+def finetuned_checkpoint(task: str) -> Path:
+    return FINETUNED / f"{task}.safetensors"
+
+
+def merged_checkpoint(key: str) -> Path:
+    return MERGED / f"{key}.safetensors"
+
+
+def merged_info(key: str) -> Path:
+    """What the merge computed or learned (coefficients, masks, norms), beside its checkpoint."""
+    return MERGED / f"{key}.json"
+
+
+def surgery_checkpoint(key: str) -> Path:
+    return SURGERY / f"{key}.safetensors"
+
+
+def surgery_info(key: str) -> Path:
+    return SURGERY / f"{key}.json"
+
+
+def checkpoint(encoder: str, task: str) -> Path | None:
+    """The weights an encoder name means for a task (None: the pretrained CLIP's own tower)."""
+    if encoder == "pretrained":
+        return None
+    if encoder == "individual":
+        return finetuned_checkpoint(task)
+    if encoder == "mtl":
+        return MTL_ENCODER
+    return merged_checkpoint(encoder.removeprefix("merged/"))
+
+
+def store(encoder: str, task: str) -> Path:
+    return FEATURES / encoder / f"{task}-{SPLIT}.zarr"
+
+
+def labels(task: str) -> Path:
+    """A task's test labels, saved beside the features so surgery and evaluation need no images."""
+    return LABELS / f"{task}-{SPLIT}.json"
+
+
+def analysis(name: str) -> Path:
+    return ANALYSES / name
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: Path, *, hint: str) -> Any:
+    from pipeline.errors import PipelineError
+
+    if not Path(path).exists():
+        raise PipelineError(f"{path} does not exist: {hint}")
+    return json.loads(Path(path).read_text())
