@@ -26,6 +26,7 @@ MTL = MODELS / "mtl"
 MTL_ENCODER = MTL / "encoder.safetensors"
 FEATURES = Path("features")
 LABELS = FEATURES / "labels"
+TSNE_CACHE = FEATURES / "tsne"  # t-SNE embeddings by input digest (analysis-tsne)
 RESULTS = Path("results")
 METRICS = RESULTS / "metrics.json"
 ACCURACY_TABLE = RESULTS / "accuracy.md"

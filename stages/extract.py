@@ -23,22 +23,6 @@ from pipeline.features.stores import write_labels
 from stages.common import progress
 
 
-def encoders(params: Params, names: list[str] | None) -> list[str]:
-    """The encoders to extract: the named ones (merge entries by their key), or all of them."""
-    every = [*workspace.REFERENCE_ENCODERS, *map(workspace.merged_encoder, params.methods)]
-    if not names:
-        return every
-    chosen = []
-    for name in names:
-        encoder = workspace.merged_encoder(name) if name in params.merge else name
-        if encoder not in every:
-            raise PipelineError(f"unknown encoder {name!r} to extract: choose among "
-                                f"{', '.join(workspace.REFERENCE_ENCODERS)} or a merge entry "
-                                f"({', '.join(params.methods)})")
-        chosen.append(encoder)
-    return chosen
-
-
 def prune(params: Params, chosen: list[str]) -> None:
     """Drop stores of tasks and merge entries no longer in the params (the outputs persist)."""
     keep = {workspace.store(e, t) for e in chosen for t in params.tasks}
@@ -56,7 +40,7 @@ def prune(params: Params, chosen: list[str]) -> None:
 def extract_features(params: Params, device: torch.device, names: list[str] | None = None, *,
                      scheduler: str | None = None, workers: int | None = None) -> None:
     cfg = params.extract
-    chosen = encoders(params, names)
+    chosen = planning.encoders(params, names)
     todo = planning.jobs(params.tasks, chosen, autocast=cfg.autocast)
     stale = [t for job in todo for t in job.targets if not is_done(t, cfg.dtype)]
     print(f"extract: {len(stale)} feature stores to compute "

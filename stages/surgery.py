@@ -1,5 +1,5 @@
 """Stage `surgery`: every merge entry's per-task adapters, trained on cached features only,
-in one process. The outputs persist: an entry whose features, tasks and surgery settings are
+side by side in one process (each entry's adapters exactly as if trained alone). The outputs persist: an entry whose features, tasks and surgery settings are
 unchanged keeps its adapters, so changing one merge entry retrains only that entry."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pipeline.config import Params, check_rows
 from pipeline.errors import PipelineError
 from pipeline.features.stores import open_features, read_features
 from pipeline.surgery.adapters import inputs_digest, save_surgery, trained_inputs
-from pipeline.surgery.training import train
+from pipeline.surgery.training import train_groups
 from stages.common import progress
 
 
@@ -29,22 +29,25 @@ def run_surgery(params: Params, device: torch.device, keys: list[str] | None = N
                             f"{', '.join(params.methods)}")
     cfg = params.surgery
     check_rows(params, {t: open_features("individual", t).n_rows for t in params.tasks})
-    individual = None
+    stale = []
     for key in keys:
         digest = inputs_of(key, params)
         if trained_inputs(key) == digest:
             print(f"surgery {key}: up to date ({workspace.surgery_checkpoint(key)})")
-            continue
-        individual = individual or read_features("individual", params.tasks)
-        module, curve = train(read_features(workspace.merged_encoder(key), params.tasks), individual,
-                              rank=cfg.rank, lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size, loss=cfg.loss,
-                              seed=cfg.seed, device=device,
-                              progress=lambda it: progress(it, desc=f"surgery {key}", unit="step"))
-        path = save_surgery(key, module, tasks=params.tasks, inputs=digest)
-        workspace.write_json(workspace.surgery_info(key), {"tasks": params.tasks, "rank": cfg.rank,
-                                                           "loss_first": curve[0], "loss_last": curve[-1]})
-        print(f"surgery {key}: {len(params.tasks)} tasks, rank {cfg.rank}, loss {curve[0]:.4f} -> {curve[-1]:.4f}; "
-              f"-> {path}")
+        else:
+            stale.append((key, digest))
+    if stale:
+        individual = read_features("individual", params.tasks)
+        groups = [(read_features(workspace.merged_encoder(key), params.tasks), individual) for key, _ in stale]
+        trained = train_groups(groups, rank=cfg.rank, lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size,
+                               loss=cfg.loss, seed=cfg.seed, device=device,
+                               progress=lambda it: progress(it, desc=f"surgery of {len(stale)} entries", unit="step"))
+        for (key, digest), (module, curve) in zip(stale, trained):
+            path = save_surgery(key, module, tasks=params.tasks, inputs=digest)
+            workspace.write_json(workspace.surgery_info(key), {"tasks": params.tasks, "rank": cfg.rank,
+                                                               "loss_first": curve[0], "loss_last": curve[-1]})
+            print(f"surgery {key}: {len(params.tasks)} tasks, rank {cfg.rank}, loss {curve[0]:.4f} -> "
+                  f"{curve[-1]:.4f}; -> {path}")
     prune(params)
 
 

@@ -3,52 +3,52 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.surgery import analyses
+from pipeline.surgery import sweeps
 from pipeline.reporting import tables
 from pipeline.reporting import tsne
 from pipeline.errors import PipelineError
 from pipeline.surgery.training import train
 
 
-def _taskset(n=(60, 40), d=12, classes=4, seed=0) -> analyses.TaskSet:
+def _taskset(n=(60, 40), d=12, classes=4, seed=0) -> sweeps.TaskSet:
     g = torch.Generator().manual_seed(seed)
     individual = [torch.randn(k, d, generator=g) for k in n]
     merged = [x + 0.6 * torch.randn(d, generator=g) + 0.3 * x.relu() for x in individual]
     heads = [torch.randn(classes, d, generator=g) for _ in n]
     labels = [(x @ h.T).argmax(1).numpy() for x, h in zip(individual, heads)]
-    return analyses.TaskSet(merged, individual, heads, labels)
+    return sweeps.TaskSet(merged, individual, heads, labels)
 
 
 BASE = {"rank": 4, "lr": 1e-2, "steps": 30, "batch_size": 8, "loss": "l1", "seed": 0}
 
 
 def test_data_ratio_subset_is_seeded_sized_and_nested():
-    a = analyses.subset_rows(1000, 0.05, seed=3)
+    a = sweeps.subset_rows(1000, 0.05, seed=3)
     assert len(a) == 50 and len(set(a.tolist())) == 50 and torch.equal(a, a.sort().values)
-    assert torch.equal(a, analyses.subset_rows(1000, 0.05, seed=3))
-    assert not torch.equal(a, analyses.subset_rows(1000, 0.05, seed=4))
-    assert set(analyses.subset_rows(1000, 0.01, 3).tolist()) <= set(a.tolist())
-    assert len(analyses.subset_rows(80, 0.01, 0)) == 1
-    assert torch.equal(analyses.subset_rows(80, 1.0, 0), torch.arange(80))
+    assert torch.equal(a, sweeps.subset_rows(1000, 0.05, seed=3))
+    assert not torch.equal(a, sweeps.subset_rows(1000, 0.05, seed=4))
+    assert set(sweeps.subset_rows(1000, 0.01, 3).tolist()) <= set(a.tolist())
+    assert len(sweeps.subset_rows(80, 0.01, 0)) == 1
+    assert torch.equal(sweeps.subset_rows(80, 1.0, 0), torch.arange(80))
     with pytest.raises(PipelineError, match="data ratio"):
-        analyses.subset_rows(10, 0.0, 0)
+        sweeps.subset_rows(10, 0.0, 0)
 
 
 def test_data_ratio_trains_on_the_subset_and_evaluates_on_everything():
     data = _taskset()
-    full = analyses.data_ratio(data, BASE, [1.0], seed=0)[1.0]
-    assert full == pytest.approx(analyses.surgery_accuracies(data, BASE))
-    small = analyses.data_ratio(data, BASE, [0.1], seed=0)[0.1]
-    rows = [analyses.subset_rows(len(z), 0.1, t) for t, z in enumerate(data.merged)]
+    full = sweeps.data_ratio([data], BASE, [1.0], seed=0)[1.0][0]
+    assert full == pytest.approx(sweeps.surgery_accuracies([data], BASE)[0])
+    small = sweeps.data_ratio([data], BASE, [0.1], seed=0)[0.1][0]
+    rows = [sweeps.subset_rows(len(z), 0.1, t) for t, z in enumerate(data.merged)]
     module, _ = train([z[r] for z, r in zip(data.merged, rows)], [z[r] for z, r in zip(data.individual, rows)], **BASE)
-    assert small == pytest.approx(analyses.accuracies(data, module))  # trained on 10%, scored on 100%
+    assert small == pytest.approx(sweeps.accuracies(data, module))  # trained on 10%, scored on 100%
     assert small != full
 
 
 def test_online_uses_every_sample_exactly_once():
     data = _taskset(n=(60, 40, 60))
     seen = []
-    analyses.online(data, rank=4, lr=1e-3, loss="l1", seed=0, fractions=[0.5, 1.0],
+    sweeps.online(data, rank=4, lr=1e-3, loss="l1", seed=0, fractions=[0.5, 1.0],
                     visit=lambda t, row: seen.append((t, row)))
     for t, z in enumerate(data.merged):
         rows = [r for task, r in seen if task == t]
@@ -58,8 +58,8 @@ def test_online_uses_every_sample_exactly_once():
 
 def test_online_tasks_are_independent_so_order_of_tasks_does_not_matter():
     data = _taskset(n=(30, 30, 20))
-    together = analyses.online(data, rank=4, lr=1e-2, loss="l1", seed=0, fractions=[0.5, 1.0])
-    alone = analyses.online(analyses.TaskSet(data.merged[:1], data.individual[:1], data.heads[:1], data.labels[:1]),
+    together = sweeps.online(data, rank=4, lr=1e-2, loss="l1", seed=0, fractions=[0.5, 1.0])
+    alone = sweeps.online(sweeps.TaskSet(data.merged[:1], data.individual[:1], data.heads[:1], data.labels[:1]),
                             rank=4, lr=1e-2, loss="l1", seed=0, fractions=[0.5, 1.0])
     assert together[0.5][0] == pytest.approx(alone[0.5][0]) and together[1.0][0] == pytest.approx(alone[1.0][0])
 
@@ -69,8 +69,8 @@ def test_online_with_batch_one_matches_the_batched_trainer_at_batch_one():
     the same order: the online loop is ordinary surgery, not a different algorithm."""
     data = _taskset(n=(20,))
     order = torch.randperm(20, generator=torch.Generator().manual_seed(1))
-    acc = analyses.online(data, rank=3, lr=1e-2, loss="mse", seed=0, fractions=[1.0])[1.0]
-    permuted = analyses.TaskSet([data.merged[0][order]], [data.individual[0][order]], data.heads, data.labels)
+    acc = sweeps.online(data, rank=3, lr=1e-2, loss="mse", seed=0, fractions=[1.0])[1.0]
+    permuted = sweeps.TaskSet([data.merged[0][order]], [data.individual[0][order]], data.heads, data.labels)
     import pipeline.surgery.training as surgery
 
     original = surgery.batch_indices
@@ -79,30 +79,30 @@ def test_online_with_batch_one_matches_the_batched_trainer_at_batch_one():
         module, _ = train(permuted.merged, permuted.individual, rank=3, lr=1e-2, steps=20, batch_size=1, loss="mse")
     finally:
         surgery.batch_indices = original
-    assert acc == pytest.approx(analyses.accuracies(data, module))
+    assert acc == pytest.approx(sweeps.accuracies(data, module))
 
 
 def test_online_checkpoint_counts():
-    assert analyses.online_counts(1000, [0.01, 0.1, 1.0]) == [10, 100, 1000]
-    assert analyses.online_counts(80, [0.01, 0.3]) == [1, 24]
+    assert sweeps.online_counts(1000, [0.01, 0.1, 1.0]) == [10, 100, 1000]
+    assert sweeps.online_counts(80, [0.01, 0.3]) == [1, 24]
     with pytest.raises(PipelineError):
-        analyses.online_counts(10, [1.5])
+        sweeps.online_counts(10, [1.5])
 
 
 def test_curve_starts_without_surgery_and_ends_at_the_normal_runs_accuracy():
     data = _taskset()
-    points = analyses.curve(data, BASE, eval_every=7)
+    points = sweeps.curve([data], BASE, eval_every=7)[0]
     assert sorted(points) == [0, 7, 14, 21, 28, 30]
-    assert points[0] == analyses.accuracies(data)
-    assert points[30] == pytest.approx(analyses.surgery_accuracies(data, BASE))
+    assert points[0] == sweeps.accuracies(data)
+    assert points[30] == pytest.approx(sweeps.surgery_accuracies([data], BASE)[0])
 
 
 def test_sweep_point_with_the_base_settings_is_the_base_run():
     data = _taskset()
-    swept = analyses.sweep(data, BASE, "rank", [2, 4])
-    assert swept[4] == pytest.approx(analyses.surgery_accuracies(data, BASE))
+    swept = sweeps.sweep([data], BASE, "rank", [2, 4])
+    assert swept[4][0] == pytest.approx(sweeps.surgery_accuracies([data], BASE)[0])
     with pytest.raises(PipelineError, match="cannot sweep"):
-        analyses.sweep(data, BASE, "depth", [1])
+        sweeps.sweep([data], BASE, "depth", [1])
 
 
 def test_tables_have_the_papers_layout():

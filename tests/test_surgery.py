@@ -53,10 +53,24 @@ def test_tasks_train_independently_of_each_other():
 @pytest.mark.parametrize("name", ["l1", "mse", "smooth_l1", "cosine"])
 def test_losses_are_zero_or_minimal_at_the_target(name):
     x = torch.randn(2, 4, 8)
-    value = loss_fn(name)(x, x)
+    value = loss_fn(name)(x, x).sum()  # per-lane losses, summed over the 2 lanes
     assert value.item() == pytest.approx(-2.0 if name == "cosine" else 0.0, abs=1e-5)
 
 
 def test_unknown_loss_is_refused():
     with pytest.raises(PipelineError, match="unknown surgery loss 'huber'"):
         loss_fn("huber")
+
+
+def test_methods_trained_side_by_side_equal_each_trained_alone_bit_for_bit():
+    from pipeline.surgery.training import train_groups
+
+    g = torch.Generator().manual_seed(3)
+    groups = [([torch.randn(n, 12, generator=g) for n in (50, 30)], [torch.randn(n, 12, generator=g) for n in (50, 30)])
+              for _ in range(3)]
+    settings = dict(rank=4, lr=1e-2, steps=25, batch_size=8, loss="l1", seed=1)
+    together = train_groups(groups, **settings)
+    for (merged, individual), (module, curve) in zip(groups, together):
+        alone, alone_curve = train(merged, individual, **settings)
+        assert torch.equal(module.down, alone.down) and torch.equal(module.up, alone.up)
+        assert curve == alone_curve

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from cache.files import sha256_file
 from pipeline.errors import PipelineError
 
 
@@ -57,9 +58,7 @@ def dataset_fingerprint(root: Path, task: str, split: str) -> str:
     digest = hashlib.sha256()
     for f in shards(root, task, split):
         digest.update(f.name.encode())
-        with open(f, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        sha256_file(f, digest)
     return digest.hexdigest()[:16]
 
 

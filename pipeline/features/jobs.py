@@ -75,3 +75,19 @@ def feature_dim() -> int:
 
 def hint(target: Target) -> str:
     return fix_hint(str(target.path.parent.relative_to(workspace.FEATURES)))
+
+
+def encoders(params, names: list[str] | None) -> list[str]:
+    """The encoders to extract: the named ones (merge entries by their key), or all of them."""
+    every = [*workspace.REFERENCE_ENCODERS, *map(workspace.merged_encoder, params.methods)]
+    if not names:
+        return every
+    chosen = []
+    for name in names:
+        encoder = workspace.merged_encoder(name) if name in params.merge else name
+        if encoder not in every:
+            raise PipelineError(f"unknown encoder {name!r} to extract: choose among "
+                                f"{', '.join(workspace.REFERENCE_ENCODERS)} or a merge entry "
+                                f"({', '.join(params.methods)})")
+        chosen.append(encoder)
+    return chosen

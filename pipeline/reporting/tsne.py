@@ -1,6 +1,14 @@
 """t-SNE of merged vs. individual features (Fig. 1 and 4): both sets of one task are embedded
-together, so their overlap in the plane shows the representation bias."""
+together, so their overlap in the plane shows the representation bias.
+
+Embeddings are cached by the bytes of their points and the t-SNE settings: the panels that do
+not depend on the surgery adapters (merged vs. individual) are computed once, however often
+the adapters are retrained."""
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,3 +34,28 @@ def embed(individual: np.ndarray, merged: np.ndarray, *, perplexity: float, seed
                             "lower analyses.tsne.perplexity or raise analyses.tsne.samples")
     xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
     return xy[:len(individual)], xy[len(individual):]
+
+
+def _key(individual: np.ndarray, merged: np.ndarray, perplexity: float, seed: int) -> str:
+    digest = hashlib.sha256(f"{perplexity}|{seed}|{individual.shape}|{merged.shape}".encode())
+    for points in (individual, merged):
+        digest.update(np.ascontiguousarray(points, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:24]
+
+
+def embed_cached(pairs: list[tuple[np.ndarray, np.ndarray]], *, perplexity: float, seed: int, cache: Path,
+                 progress: Callable = lambda it, **kw: it) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`embed` for every (individual, merged) pair, reusing embeddings cached in `cache` and
+    dropping cached ones no longer asked for."""
+    cache.mkdir(parents=True, exist_ok=True)
+    keys = [_key(a, b, perplexity, seed) for a, b in pairs]
+    todo = [i for i, k in enumerate(keys) if not (cache / f"{k}.npy").exists()]
+    for i in progress(todo, desc=f"t-SNE ({len(pairs) - len(todo)} of {len(pairs)} panels cached)", unit="panel"):
+        np.save(cache / f"{keys[i]}.npy", np.concatenate(embed(*pairs[i], perplexity=perplexity, seed=seed)))
+    for stale in set(cache.glob("*.npy")) - {cache / f"{k}.npy" for k in keys}:
+        stale.unlink()
+    out = []
+    for (individual, _), key in zip(pairs, keys):
+        xy = np.load(cache / f"{key}.npy")
+        out.append((xy[:len(individual)], xy[len(individual):]))
+    return out

@@ -15,17 +15,35 @@ from pipeline.models.checkpoints import load_state, read_metadata, save_state
 
 
 class Surgery(torch.nn.Module):
-    """T independent adapters, one per task; identity at initialisation (W_up = 0)."""
+    """T independent adapters, one per task; identity at initialisation (W_up = 0).
 
-    def __init__(self, n_tasks: int, dim: int, rank: int, seed: int = 0):
+    With `copies`, the T adapters' initialisation is repeated: G sets of T lanes (one set per
+    merge method, say) trained side by side, each exactly as if it were trained alone.
+    """
+
+    def __init__(self, n_tasks: int, dim: int, rank: int, seed: int = 0, copies: int = 1):
         super().__init__()
         if rank <= 0:
             raise PipelineError(f"surgery.rank must be a positive integer, got {rank}")
         generator = torch.Generator().manual_seed(seed)
         # nn.Linear's default init (kaiming-uniform, a = sqrt(5)): bound 1 / sqrt(fan_in)
         bound = 1.0 / math.sqrt(dim)
-        self.down = torch.nn.Parameter((torch.rand(n_tasks, rank, dim, generator=generator) * 2 - 1) * bound)
-        self.up = torch.nn.Parameter(torch.zeros(n_tasks, dim, rank))
+        down = (torch.rand(n_tasks, rank, dim, generator=generator) * 2 - 1) * bound
+        self.down = torch.nn.Parameter(down.repeat(copies, 1, 1))
+        self.up = torch.nn.Parameter(torch.zeros(n_tasks * copies, dim, rank))
+
+    def select(self, lanes) -> "Surgery":
+        """A new module holding copies of the given lanes' weights (trainable on their own)."""
+        part = Surgery.__new__(Surgery)
+        torch.nn.Module.__init__(part)
+        part.down = torch.nn.Parameter(self.down[lanes].detach().clone())
+        part.up = torch.nn.Parameter(self.up[lanes].detach().clone())
+        return part
+
+    def split(self, copies: int) -> list["Surgery"]:
+        """The G sets of lanes as separate modules (copies of the weights, on the CPU)."""
+        n = len(self.down) // copies
+        return [self.cpu().select(slice(g * n, (g + 1) * n)) for g in range(copies)]
 
     def forward(self, z: torch.Tensor, task: int | None = None) -> torch.Tensor:
         """z: (T, B, d) for all tasks at once, or (B, d) with `task` given."""

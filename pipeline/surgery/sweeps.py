@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from pipeline.reporting import metrics
 from pipeline.errors import PipelineError
-from pipeline.surgery.training import Surgery, loss_fn, train
+from pipeline.surgery.training import Surgery, loss_fn, train_groups
 
 
 @dataclass
@@ -38,17 +38,23 @@ def accuracies(data: TaskSet, module: Surgery | None = None) -> list[float]:
     return out
 
 
-def surgery_accuracies(data: TaskSet, settings: dict) -> list[float]:
-    """Train surgery with `settings` (rank, lr, steps, batch_size, loss, seed) and evaluate it."""
-    module, _ = train(data.merged, data.individual, **settings)
-    return accuracies(data, module)
+def trained(datas: list[TaskSet], settings: dict, on_step=None) -> list[Surgery]:
+    """Every method's adapters under `settings` (rank, lr, steps, batch_size, loss, seed),
+    trained side by side (each exactly as alone)."""
+    return [module for module, _ in train_groups([(d.merged, d.individual) for d in datas], on_step=on_step,
+                                                 **settings)]
 
 
-def sweep(data: TaskSet, base: dict, key: str, values: list) -> dict:
-    """Accuracy per task for each value of one surgery setting, the others fixed at `base`."""
+def surgery_accuracies(datas: list[TaskSet], settings: dict) -> list[list[float]]:
+    """Per method, accuracy per task after surgery trained with `settings`."""
+    return [accuracies(d, m) for d, m in zip(datas, trained(datas, settings))]
+
+
+def sweep(datas: list[TaskSet], base: dict, key: str, values: list) -> dict:
+    """Per value of one surgery setting (the others fixed at `base`): per method, accuracy per task."""
     if key not in base:
         raise PipelineError(f"cannot sweep {key!r}: not a surgery setting ({', '.join(base)})")
-    return {value: surgery_accuracies(data, {**base, key: value}) for value in values}
+    return {value: surgery_accuracies(datas, {**base, key: value}) for value in values}
 
 
 def subset_rows(n: int, ratio: float, seed: int) -> torch.Tensor:
@@ -60,30 +66,31 @@ def subset_rows(n: int, ratio: float, seed: int) -> torch.Tensor:
     return order[:max(1, round(ratio * n))].sort().values
 
 
-def data_ratio(data: TaskSet, base: dict, ratios: list[float], seed: int) -> dict:
-    """Table 4: surgery trained on a fraction of each task's test images, evaluated on all of them."""
+def data_ratio(datas: list[TaskSet], base: dict, ratios: list[float], seed: int) -> dict:
+    """Table 4: surgery trained on a fraction of each task's test images (the same images for
+    every method), evaluated on all of them. Per ratio: per method, accuracy per task."""
     out = {}
     for ratio in ratios:
-        rows = [subset_rows(len(z), ratio, seed + t) for t, z in enumerate(data.merged)]
-        seen = TaskSet([z[r] for z, r in zip(data.merged, rows)], [z[r] for z, r in zip(data.individual, rows)],
-                       data.heads, data.labels)
-        module, _ = train(seen.merged, seen.individual, **base)
-        out[ratio] = accuracies(data, module)
+        rows = [subset_rows(len(z), ratio, seed + t) for t, z in enumerate(datas[0].merged)]
+        seen = [TaskSet([z[r] for z, r in zip(d.merged, rows)], [z[r] for z, r in zip(d.individual, rows)],
+                        d.heads, d.labels) for d in datas]
+        out[ratio] = [accuracies(d, m) for d, m in zip(datas, trained(seen, base))]
     return out
 
 
-def curve(data: TaskSet, base: dict, eval_every: int) -> dict[int, list[float]]:
-    """Fig. 7/9: accuracy per task every `eval_every` steps of one ordinary surgery run
-    (step 0 = no surgery; the last step always included, equal to the final model's accuracy)."""
+def curve(datas: list[TaskSet], base: dict, eval_every: int) -> list[dict[int, list[float]]]:
+    """Fig. 7/9: per method, accuracy per task every `eval_every` steps of one ordinary surgery
+    run (step 0 = no surgery; the last step always included, equal to the final accuracy)."""
     if eval_every <= 0:
         raise PipelineError(f"analyses.curve.eval_every must be a positive integer, got {eval_every}")
-    points = {0: accuracies(data)}
+    points = [{0: accuracies(d)} for d in datas]
 
-    def on_step(step: int, module: Surgery) -> None:
+    def on_step(step: int, modules: list[Surgery]) -> None:
         if step % eval_every == 0 or step == base["steps"]:
-            points[step] = accuracies(data, module)
+            for d, module, out in zip(datas, modules, points):
+                out[step] = accuracies(d, module)
 
-    train(data.merged, data.individual, on_step=on_step, **base)
+    trained(datas, base, on_step=on_step)
     return points
 
 
@@ -115,15 +122,13 @@ def online(data: TaskSet, *, rank: int, lr: float, loss: str, seed: int, fractio
     for t, z in enumerate(data.merged):
         groups.setdefault(len(z), []).append(t)
     for n, lanes in groups.items():
-        down = init.down[lanes].detach().clone().requires_grad_()
-        up = init.up[lanes].detach().clone().requires_grad_()
-        optimiser = torch.optim.Adam([down, up], lr=lr, betas=(0.9, 0.999))
+        adapt = init.select(lanes)
+        optimiser = torch.optim.Adam(adapt.parameters(), lr=lr, betas=(0.9, 0.999))
         z = torch.stack([data.merged[t] for t in lanes]).float()       # (L, n, d)
         target = torch.stack([data.individual[t] for t in lanes]).float()
         order = torch.stack([orders[t] for t in lanes], 1)               # (n, L)
         lane = torch.arange(len(lanes))
         counts = online_counts(n, fractions)
-        adapt = lambda x: x - torch.bmm(F.relu(torch.bmm(x, down.transpose(1, 2))), up.transpose(1, 2))  # noqa: E731
         at = {}
         for seen in progress(range(1, n + 1), desc=f"online, {len(lanes)} task(s) of {n} samples", unit="sample",
                              leave=False):
@@ -131,7 +136,7 @@ def online(data: TaskSet, *, rank: int, lr: float, loss: str, seed: int, fractio
             if visit is not None:
                 for l, t in enumerate(lanes):
                     visit(t, int(rows[l]))
-            value = criterion(adapt(z[lane, rows].unsqueeze(1)), target[lane, rows].unsqueeze(1))
+            value = criterion(adapt(z[lane, rows].unsqueeze(1)), target[lane, rows].unsqueeze(1)).sum()
             optimiser.zero_grad(set_to_none=True)
             value.backward()
             optimiser.step()

@@ -1,0 +1,280 @@
+"""The paper's analyses on cached features, each written to results/analyses/<name>/ as
+table.csv + table.md (rows = methods and settings, columns = tasks + avg), plot.csv (the
+`dvc plots` data: one column per method) and figure.png/.svg.
+
+Each analysis reads only its own `analyses.<name>` params and the `surgery` settings it does
+not sweep, so `dvc exp run -S surgery.rank=64` leaves the rank sweep cached. The surgery they
+train comes from pipeline/surgery/sweeps.py; this module turns it into tables and figures."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipeline import workspace
+from pipeline.config import Params
+from pipeline.errors import PipelineError
+from pipeline.features.stores import read_features, read_labels
+from pipeline.models.checkpoints import load_heads
+from pipeline.reporting import figures, metrics, tables, tsne
+from pipeline.surgery import sweeps
+from pipeline.surgery.adapters import load_surgery
+
+OUT = workspace.ANALYSES
+ANALYSES = ("baselines", "rank", "loss", "data-ratio", "online", "curve", "bias", "tsne")
+LOSS_NAMES = {"l1": "L1", "mse": "MSE", "smooth_l1": "SmoothL1", "cosine": "Neg. cosine"}
+SURGERY_KEYS = ("rank", "lr", "steps", "batch_size", "loss", "seed")
+
+
+class Context:
+    """Cached features, heads and labels, loaded once per process and shared by the analyses."""
+
+    def __init__(self, params: Params, device: torch.device | str = "cpu",
+                 progress: Callable = lambda it=None, **kw: it):
+        self.params, self.device, self.progress = params, device, progress
+        self.names = params.tasks
+        self.methods = params.methods
+        self.labels_of = {**tables.BASELINES, **params.labels()}
+        heads = load_heads(workspace.HEADS, self.names)
+        self.heads = [heads[t] for t in self.names]
+        self.labels = [read_labels(t) for t in self.names]
+
+    def cfg(self, name: str):
+        return getattr(self.params.analyses, name.replace("-", "_"))
+
+    def surgery(self, *, without: str | None = None) -> dict:
+        """The pipeline's surgery settings (minus the swept one) for `pipeline.surgery.train`."""
+        cfg = self.params.surgery.model_dump()
+        return {**{k: cfg[k] for k in SURGERY_KEYS if k != without}, "device": self.device}
+
+    @functools.lru_cache(maxsize=None)
+    def features(self, encoder: str) -> list[torch.Tensor]:
+        """Features of `individual`, `pretrained`, `mtl`, or a merge entry (by its key)."""
+        name = encoder if encoder in ("individual", "pretrained", "mtl") else workspace.merged_encoder(encoder)
+        return read_features(name, self.names)
+
+    def label(self, method: str) -> str:
+        return tables.label(method, self.labels_of)
+
+    def taskset(self, method: str) -> sweeps.TaskSet:
+        return sweeps.TaskSet(self.features(method), self.features("individual"), self.heads, self.labels)
+
+    def tasksets(self) -> list[sweeps.TaskSet]:
+        """Every merge entry's features, for analyses that train all methods' adapters at once."""
+        return [self.taskset(m) for m in self.methods]
+
+    def accuracy(self, feats: list[torch.Tensor]) -> list[float]:
+        return [metrics.accuracy(z, h, y) for z, h, y in zip(feats, self.heads, self.labels)]
+
+
+def _write(ctx: Context, name: str, rows: list[dict], plot: list[dict] | None = None, digits: int = 1) -> Path:
+    out = OUT / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.csv").write_text(tables.to_csv(rows))
+    (out / "table.md").write_text(tables.to_markdown(rows, ctx.names, ctx.labels_of, digits))
+    if plot:
+        (out / "plot.csv").write_text(tables.to_csv(plot))
+    return out
+
+
+def _baselines(ctx: Context) -> tuple[list[dict], dict[str, float]]:
+    """The baseline rows of every table and their averages (horizontal lines in the figures)."""
+    path = OUT / "baselines" / "baselines.json"
+    if not path.exists():
+        raise PipelineError(f"{path} does not exist: run `repsurgery analyze baselines` first")
+    stored = json.loads(path.read_text())
+    if stored["tasks"] != ctx.names:
+        raise PipelineError(f"{path} is for tasks {stored['tasks']}, params list {ctx.names}: "
+                            "re-run `repsurgery analyze baselines`")
+    rows = [tables.row(m, "", ctx.names, accs) for m, accs in stored["acc"].items()]
+    lines = {ctx.label(r["method"]): r["avg"] for r in rows if r["method"] != "pretrained"}
+    return rows, lines
+
+
+def _merged_row(ctx: Context, method: str) -> dict:
+    return tables.row(method, "", ctx.names, ctx.accuracy(ctx.features(method)))
+
+
+def run_baselines(ctx: Context) -> Path:
+    """Pretrained (zero-shot), Individual and, where the params build one, Traditional MTL."""
+    acc = {"pretrained": ctx.accuracy(ctx.features("pretrained")),
+           "individual": ctx.accuracy(ctx.features("individual"))}
+    if ctx.params.is_world:
+        acc["mtl"] = ctx.accuracy(ctx.features("mtl"))
+    rows = [tables.row(m, "", ctx.names, a) for m, a in acc.items()]
+    out = _write(ctx, "baselines", rows)
+    workspace.write_json(out / "baselines.json", {"tasks": ctx.names, "acc": acc})
+    figures.bars(ctx.names + ["avg"], {ctx.label(r["method"]): [r[c] for c in ctx.names + ["avg"]] for r in rows},
+                 out / "figure", ylabel="accuracy (%)", title="Baselines")
+    return out
+
+
+def _sweep(ctx: Context, name: str, key: str, values: list, setting: callable, xs: dict) -> tuple[list, list]:
+    base = ctx.surgery(without=key)
+    rows, done = [], {}
+    for value in ctx.progress(values, desc=f"{name} sweep, every method at once", unit="setting"):
+        accs = sweeps.surgery_accuracies(ctx.tasksets(), {**base, key: value})
+        done.update({(method, value): a for method, a in zip(ctx.methods, accs)})
+    for method in ctx.methods:
+        rows.append(_merged_row(ctx, method))
+        rows += [tables.row(method, setting(v), ctx.names, done[method, v]) for v in values]
+    return rows, tables.wide(rows, name, xs)
+
+
+def run_rank(ctx: Context) -> Path:
+    """Table 8 / Fig. 6: surgery at every rank of `analyses.rank.ranks`, for every method."""
+    ranks = list(ctx.cfg("rank").ranks)
+    base_rows, lines = _baselines(ctx)
+    rows, plot = _sweep(ctx, "rank", "rank", ranks, lambda r: f"r={r}", {f"r={r}": r for r in ranks})
+    out = _write(ctx, "rank", base_rows + rows, plot)
+    figures.lines(ranks, _series(ctx, plot), out / "figure", xlabel="rank r of the surgery module",
+                  title="Accuracy with surgery vs. rank", baselines=lines, xlog=True, xticks=ranks)
+    return out
+
+
+def run_loss(ctx: Context) -> Path:
+    """Table 9: surgery with each loss of `analyses.loss.losses`, for every method."""
+    losses = list(ctx.cfg("loss").losses)
+    base_rows, lines = _baselines(ctx)
+    label = lambda l: LOSS_NAMES[l]  # noqa: E731
+    rows, plot = _sweep(ctx, "loss", "loss", losses, label, {label(l): label(l) for l in losses})
+    out = _write(ctx, "loss", base_rows + rows, plot)
+    merged = {r["method"]: r["avg"] for r in rows if r["setting"] == ""}
+    series = {"no surgery": [merged[m] for m in ctx.methods]}
+    series.update({label(l): [next(r["avg"] for r in rows if r["method"] == m and r["setting"] == label(l))
+                              for m in ctx.methods] for l in losses})
+    figures.bars([ctx.label(m) for m in ctx.methods], series, out / "figure", ylabel="Avg. accuracy (%)",
+                 title="Surgery loss functions", baselines=lines)
+    return out
+
+
+def _percent(f: float) -> str:
+    return f"{100 * f:g}%"
+
+
+def _series(ctx: Context, plot: list[dict]) -> dict[str, list[float]]:
+    return {ctx.label(m): [p[m] for p in plot] for m in ctx.methods}
+
+
+def run_data_ratio(ctx: Context) -> Path:
+    """Table 4: surgery sees a seeded fraction of each task's test images; evaluated on all."""
+    cfg = ctx.cfg("data-ratio")
+    ratios = list(cfg.ratios)
+    base_rows, lines = _baselines(ctx)
+    base = ctx.surgery()
+    rows, done = [], sweeps.data_ratio(ctx.tasksets(), base, ratios, cfg.seed)
+    for m, method in enumerate(ctx.methods):
+        rows.append(_merged_row(ctx, method))
+        rows += [tables.row(method, _percent(r), ctx.names, done[r][m]) for r in ratios]
+    plot = tables.wide(rows, "percent", {_percent(r): 100 * r for r in ratios})
+    out = _write(ctx, "data-ratio", base_rows + rows, plot)
+    figures.lines([100 * r for r in ratios], _series(ctx, plot), out / "figure", xlog=True,
+                  xlabel="share of each task's test images visible to surgery (%)",
+                  title="Available data ratio", baselines=lines, xticks=[100 * r for r in ratios])
+    return out
+
+
+def run_online(ctx: Context) -> Path:
+    """Table 5: online surgery (batch 1, each sample once, tasks in sequence) at checkpoints."""
+    cfg = ctx.cfg("online")
+    fractions = list(cfg.checkpoints)
+    s = ctx.params.surgery
+    base_rows, lines = _baselines(ctx)
+    rows, done = [], {}
+    for method in ctx.progress(ctx.methods, desc="online surgery", unit="method"):
+        done[method] = sweeps.online(ctx.taskset(method), rank=s.rank, lr=s.lr, loss=s.loss,
+                                       seed=cfg.seed, fractions=fractions, progress=ctx.progress)
+    for method in ctx.methods:
+        rows.append(_merged_row(ctx, method))
+        rows += [tables.row(method, f"online {_percent(f)}", ctx.names, done[method][f]) for f in fractions]
+    plot = tables.wide(rows, "percent", {f"online {_percent(f)}": 100 * f for f in fractions})
+    out = _write(ctx, "online", base_rows + rows, plot)
+    figures.lines([100 * f for f in fractions], _series(ctx, plot), out / "figure",
+                  xlabel="share of each task's test samples seen once, batch 1 (%)", title="Online surgery",
+                  baselines=lines)
+    return out
+
+
+def run_curve(ctx: Context) -> Path:
+    """Fig. 7/9: accuracy every `sweeps.curve.eval_every` surgery steps, one curve per method."""
+    every = ctx.cfg("curve").eval_every
+    base_rows, lines = _baselines(ctx)
+    base = ctx.surgery()
+    rows, done = [], sweeps.curve(ctx.tasksets(), base, every)
+    steps = sorted(done[0])
+    for method, points in zip(ctx.methods, done):
+        rows += [tables.row(method, f"step {s}", ctx.names, points[s]) for s in steps]
+    plot = tables.wide(rows, "step", {f"step {s}": s for s in steps})
+    out = _write(ctx, "curve", base_rows + rows, plot)
+    figures.lines(steps, _series(ctx, plot), out / "figure", xlabel="surgery step",
+                  title="Accuracy vs. surgery steps", baselines=lines)
+    return out
+
+
+def run_bias(ctx: Context) -> Path:
+    """Fig. 2/5: Eq. 1 per task, without and with surgery, for every method (from evaluate's
+    results/metrics.json, which computes it on the cached features)."""
+    path = workspace.METRICS
+    if not path.exists():
+        raise PipelineError(f"{path} does not exist: run `repsurgery evaluate` (or `dvc repro evaluate`) first")
+    results = json.loads(path.read_text())
+    missing = [m for m in ctx.methods if m not in results]
+    if missing:
+        raise PipelineError(f"{path} has no bias for {missing}: re-run `repsurgery evaluate`")
+    rows = []
+    for method in ctx.methods:
+        for key, setting in (("bias", ""), ("surgery_bias", "surgery")):
+            rows.append(tables.row(method, setting, ctx.names, [results[method][key][t] for t in ctx.names], 4))
+    plot = [{"task": t, **{f"{r['method']}{'+surgery' if r['setting'] else ''}": r[t] for r in rows}}
+            for t in ctx.names + ["avg"]]
+    out = _write(ctx, "bias", rows, plot, digits=3)
+    panels = {ctx.label(m): ([results[m]["bias"][t] for t in ctx.names], [results[m]["surgery_bias"][t]
+                                                                               for t in ctx.names])
+              for m in ctx.methods}
+    figures.bias_panels(ctx.names, panels, out / "figure")
+    return out
+
+
+def run_tsne(ctx: Context) -> Path:
+    """Fig. 1/4: t-SNE of individual (blue) vs. merged (red) features per task, without and
+    with the pipeline's trained surgery (models/surgery/METHOD.safetensors)."""
+    cfg = ctx.cfg("tsne")
+    chosen = list(cfg.methods or ctx.methods)
+    out = OUT / "tsne"
+    out.mkdir(parents=True, exist_ok=True)
+    variants = ("merged", "merged + surgery")
+    pairs, summary = [], []
+    for method in chosen:
+        surgery = load_surgery(method, ctx.names)
+        for t, task in enumerate(ctx.names):
+            individual, merged = ctx.features("individual")[t], ctx.features(method)[t]
+            rows = torch.from_numpy(tsne.sample_rows(len(merged), cfg.samples, cfg.seed))
+            with torch.no_grad():
+                adapted = surgery(merged[rows], t)
+            for variant, z in zip(variants, (merged[rows], adapted)):
+                pairs.append((individual[rows].numpy(), z.numpy()))
+                summary.append({"method": method, "task": task, "variant": variant, "points": 2 * len(rows),
+                                "l1_gap": round(float((z - individual[rows]).abs().mean()), 4)})
+    embedded = iter(tsne.embed_cached(pairs, perplexity=cfg.perplexity, seed=cfg.seed, cache=workspace.TSNE_CACHE,
+                                      progress=ctx.progress))
+    panels = {m: {v: [] for v in variants} for m in chosen}
+    for row in summary:
+        panels[row["method"]][row["variant"]].append(next(embedded))
+    for method in chosen:
+        figures.tsne_grid(ctx.names, panels[method], out / method, title=ctx.label(method))
+    (out / "panels.csv").write_text(tables.to_csv(summary))
+    return out
+
+
+RUNNERS = {"baselines": run_baselines, "rank": run_rank, "loss": run_loss, "data-ratio": run_data_ratio,
+           "online": run_online, "curve": run_curve, "bias": run_bias, "tsne": run_tsne}
+
+
+def run(name: str, ctx: Context) -> Path:
+    """One analysis -> results/analyses/NAME/."""
+    if name not in RUNNERS:
+        raise PipelineError(f"unknown analysis {name!r}: choose one of {', '.join(ANALYSES)} or all")
+    return RUNNERS[name](ctx)
