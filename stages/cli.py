@@ -221,12 +221,14 @@ def plots(params: Path = ParamsOpt):
 @_stage
 def analyze(name: str = typer.Argument(..., help="baselines | rank | loss | data-ratio | online | curve | bias | "
                                                  "tsne | all"),
-            params: Path = ParamsOpt, device: str = DeviceOpt):
-    """One of the paper's analyses on cached features -> results/analyses/NAME/ (table.csv, table.md,
-    plot.csv, figure.png/.svg)."""
+            params: Path = ParamsOpt, device: str = DeviceOpt,
+            force: bool = typer.Option(False, "--force", help="with `all`: recompute analyses whose inputs are "
+                                       "unchanged too (a single NAME is always recomputed)")):
+    """The paper's analyses on cached features -> results/analyses/NAME/ (table.csv, table.md,
+    plot.csv, figure.png/.svg). `all` (the DVC stage) keeps the analyses whose inputs are unchanged."""
     from stages.analyses import analyze as run
 
-    run(name, *_ctx(params, device))
+    run(name, *_ctx(params, device), force=force)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,8 @@ def run_surgery(params: Params, device: torch.device, keys: list[str] | None = N
         else:
             stale.append((key, digest))
     if stale:
-        individual = read_features("individual", params.tasks)
-        groups = [(read_features(workspace.merged_encoder(key), params.tasks), individual) for key, _ in stale]
-        trained = train_groups(groups, rank=cfg.rank, lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size,
+        merged = [read_features(workspace.merged_encoder(key), params.tasks) for key, _ in stale]
+        trained = train_groups(merged, read_features("individual", params.tasks), rank=cfg.rank, lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size,
                                loss=cfg.loss, seed=cfg.seed, device=device,
                                progress=lambda it: progress(it, desc=f"surgery of {len(stale)} entries", unit="step"))
         for (key, digest), (module, curve) in zip(stale, trained):

@@ -48,20 +48,23 @@ def test_data_ratio_trains_on_the_subset_and_evaluates_on_everything():
 def test_online_uses_every_sample_exactly_once():
     data = _taskset(n=(60, 40, 60))
     seen = []
-    sweeps.online(data, rank=4, lr=1e-3, loss="l1", seed=0, fractions=[0.5, 1.0],
-                    visit=lambda t, row: seen.append((t, row)))
+    sweeps.online([data], rank=4, lr=1e-3, loss="l1", seed=0, fractions=[0.5, 1.0],
+                  visit=lambda m, t, row: seen.append((t, row)))
     for t, z in enumerate(data.merged):
         rows = [r for task, r in seen if task == t]
         assert sorted(rows) == list(range(len(z)))  # each sample once
         assert rows != sorted(rows)  # in a seeded random order
 
 
-def test_online_tasks_are_independent_so_order_of_tasks_does_not_matter():
+def test_online_tasks_and_methods_are_independent_so_their_order_does_not_matter():
     data = _taskset(n=(30, 30, 20))
-    together = sweeps.online(data, rank=4, lr=1e-2, loss="l1", seed=0, fractions=[0.5, 1.0])
-    alone = sweeps.online(sweeps.TaskSet(data.merged[:1], data.individual[:1], data.heads[:1], data.labels[:1]),
-                            rank=4, lr=1e-2, loss="l1", seed=0, fractions=[0.5, 1.0])
-    assert together[0.5][0] == pytest.approx(alone[0.5][0]) and together[1.0][0] == pytest.approx(alone[1.0][0])
+    other = _taskset(n=(30, 30, 20), seed=1)
+    together = sweeps.online([data, other], rank=4, lr=1e-2, loss="l1", seed=0, fractions=[0.5, 1.0])
+    alone = sweeps.online([sweeps.TaskSet(data.merged[:1], data.individual[:1], data.heads[:1], data.labels[:1])],
+                          rank=4, lr=1e-2, loss="l1", seed=0, fractions=[0.5, 1.0])[0]
+    assert together[0][0.5][0] == pytest.approx(alone[0.5][0]) and together[0][1.0][0] == pytest.approx(alone[1.0][0])
+    by_itself = sweeps.online([other], rank=4, lr=1e-2, loss="l1", seed=0, fractions=[0.5, 1.0])[0]
+    assert together[1] == by_itself  # another method's lanes beside it change nothing
 
 
 def test_online_with_batch_one_matches_the_batched_trainer_at_batch_one():
@@ -69,7 +72,7 @@ def test_online_with_batch_one_matches_the_batched_trainer_at_batch_one():
     the same order: the online loop is ordinary surgery, not a different algorithm."""
     data = _taskset(n=(20,))
     order = torch.randperm(20, generator=torch.Generator().manual_seed(1))
-    acc = sweeps.online(data, rank=3, lr=1e-2, loss="mse", seed=0, fractions=[1.0])[1.0]
+    acc = sweeps.online([data], rank=3, lr=1e-2, loss="mse", seed=0, fractions=[1.0])[0][1.0]
     permuted = sweeps.TaskSet([data.merged[0][order]], [data.individual[0][order]], data.heads, data.labels)
     import pipeline.surgery.training as surgery
 

@@ -66,11 +66,11 @@ def test_methods_trained_side_by_side_equal_each_trained_alone_bit_for_bit():
     from pipeline.surgery.training import train_groups
 
     g = torch.Generator().manual_seed(3)
-    groups = [([torch.randn(n, 12, generator=g) for n in (50, 30)], [torch.randn(n, 12, generator=g) for n in (50, 30)])
-              for _ in range(3)]
+    individual = [torch.randn(n, 12, generator=g) for n in (50, 30)]
+    merged_sets = [[torch.randn(n, 12, generator=g) for n in (50, 30)] for _ in range(3)]
     settings = dict(rank=4, lr=1e-2, steps=25, batch_size=8, loss="l1", seed=1)
-    together = train_groups(groups, **settings)
-    for (merged, individual), (module, curve) in zip(groups, together):
+    together = train_groups(merged_sets, individual, **settings)
+    for merged, (module, curve) in zip(merged_sets, together):
         alone, alone_curve = train(merged, individual, **settings)
         assert torch.equal(module.down, alone.down) and torch.equal(module.up, alone.up)
         assert curve == alone_curve

@@ -8,12 +8,14 @@ train comes from pipeline/surgery/sweeps.py; this module turns it into tables an
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from cache.files import sha256_file
 from pipeline import workspace
 from pipeline.config import Params
 from pipeline.errors import PipelineError
@@ -183,10 +185,8 @@ def run_online(ctx: Context) -> Path:
     fractions = list(cfg.checkpoints)
     s = ctx.params.surgery
     base_rows, lines = _baselines(ctx)
-    rows, done = [], {}
-    for method in ctx.progress(ctx.methods, desc="online surgery", unit="method"):
-        done[method] = sweeps.online(ctx.taskset(method), rank=s.rank, lr=s.lr, loss=s.loss,
-                                       seed=cfg.seed, fractions=fractions, progress=ctx.progress)
+    rows, done = [], dict(zip(ctx.methods, sweeps.online(ctx.tasksets(), rank=s.rank, lr=s.lr, loss=s.loss,
+                                                          seed=cfg.seed, fractions=fractions, progress=ctx.progress)))
     for method in ctx.methods:
         rows.append(_merged_row(ctx, method))
         rows += [tables.row(method, f"online {_percent(f)}", ctx.names, done[method][f]) for f in fractions]
@@ -273,8 +273,52 @@ RUNNERS = {"baselines": run_baselines, "rank": run_rank, "loss": run_loss, "data
            "online": run_online, "curve": run_curve, "bias": run_bias, "tsne": run_tsne}
 
 
-def run(name: str, ctx: Context) -> Path:
-    """One analysis -> results/analyses/NAME/."""
+# The surgery settings each analysis trains with (the others it sweeps, or reads no surgery).
+SURGERY_READ = {"rank": [k for k in SURGERY_KEYS if k != "rank"], "loss": [k for k in SURGERY_KEYS if k != "loss"],
+                "data-ratio": list(SURGERY_KEYS), "curve": list(SURGERY_KEYS), "online": ["rank", "lr", "loss"]}
+# Files whose content an analysis reads besides the feature stores, heads and labels.
+FILES_READ = {"rank": ["baselines"], "loss": ["baselines"], "data-ratio": ["baselines"], "online": ["baselines"],
+              "curve": ["baselines"], "bias": ["metrics"], "tsne": ["surgery"]}
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """The library's code: an analysis made by other code is never taken as current."""
+    digest = hashlib.sha256()
+    for package in ("pipeline", "cache"):
+        root = Path(__file__).resolve().parents[2] / package
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            sha256_file(path, digest)
+    return digest.hexdigest()
+
+
+def identity(name: str, ctx: Context) -> str:
+    """A digest of everything analysis `name` depends on: its settings, the surgery settings it
+    trains with, the merge entries and their labels, every feature store, the heads, the
+    labels, the files it reads (baselines, metrics, adapters) and the code."""
+    stores = sorted(str(p) + "=" + json.loads((p / "zarr.json").read_text())["attributes"].get("sha256", "")
+                    for p in workspace.FEATURES.glob("**/*.zarr") if (p / "zarr.json").exists())
+    files = {"baselines": [OUT / "baselines" / "baselines.json"], "metrics": [workspace.METRICS],
+             "surgery": [workspace.surgery_checkpoint(m) for m in ctx.methods]}
+    read = [p for kind in FILES_READ.get(name, []) for p in files[kind]]
+    parts = {"name": name, "tasks": ctx.names, "labels": ctx.labels_of, "stores": stores,
+             "settings": getattr(ctx.params.analyses, name.replace("-", "_"), None),
+             "surgery": {k: getattr(ctx.params.surgery, k) for k in SURGERY_READ.get(name, [])},
+             "world": ctx.params.is_world, "code": _code_digest(),
+             "files": {str(p): sha256_file(p).hexdigest() if p.exists() else None
+                       for p in [workspace.HEADS, *sorted(workspace.LABELS.glob("*.json")), *read]}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run(name: str, ctx: Context, force: bool = False) -> tuple[Path, bool]:
+    """One analysis -> results/analyses/NAME/, unless its recorded inputs are those of now
+    (then it is kept as it is). Returns the folder and whether it was computed."""
     if name not in RUNNERS:
         raise PipelineError(f"unknown analysis {name!r}: choose one of {', '.join(ANALYSES)} or all")
-    return RUNNERS[name](ctx)
+    digest, record = identity(name, ctx), OUT / name / "inputs.json"
+    if not force and record.exists() and json.loads(record.read_text()).get("digest") == digest:
+        return OUT / name, False
+    out = RUNNERS[name](ctx)
+    workspace.write_json(record, {"digest": digest})
+    return out, True

@@ -41,7 +41,7 @@ def accuracies(data: TaskSet, module: Surgery | None = None) -> list[float]:
 def trained(datas: list[TaskSet], settings: dict, on_step=None) -> list[Surgery]:
     """Every method's adapters under `settings` (rank, lr, steps, batch_size, loss, seed),
     trained side by side (each exactly as alone)."""
-    return [module for module, _ in train_groups([(d.merged, d.individual) for d in datas], on_step=on_step,
+    return [module for module, _ in train_groups([d.merged for d in datas], datas[0].individual, on_step=on_step,
                                                  **settings)]
 
 
@@ -101,41 +101,45 @@ def online_counts(n: int, fractions: list[float]) -> list[int]:
     return [max(1, math.ceil(f * n - 1e-9)) for f in fractions]
 
 
-def online(data: TaskSet, *, rank: int, lr: float, loss: str, seed: int, fractions: list[float],
-           progress: Callable = lambda it, **kw: it, visit: Callable[[int, int], None] | None = None) -> dict:
-    """Table 5: online surgery. A task's test samples arrive in a seeded random order, one at a
-    time (batch 1), and each is used for exactly one Adam step. Each task has its own adapter
-    and optimiser (as in the batched trainer), starting from `Surgery(T, d, rank, seed)`'s
-    initialisation, so training the tasks one after another or side by side is the same
-    computation: tasks with equally many samples are stepped side by side as one batched
-    problem (the sum of per-task losses gives each adapter only its own gradient).
+def online(datas: list[TaskSet], *, rank: int, lr: float, loss: str, seed: int, fractions: list[float],
+           progress: Callable = lambda it, **kw: it,
+           visit: Callable[[int, int, int], None] | None = None) -> list[dict]:
+    """Table 5: online surgery. A task's test samples arrive in a seeded random order (the same
+    for every method), one at a time (batch 1), and each is used for exactly one Adam step.
+    Each method and task has its own adapter and optimiser (as in the batched trainer), starting
+    from `Surgery(T, d, rank, seed)`'s initialisation, so training them one after another or
+    side by side is the same computation: every (method, task) lane whose task has equally many
+    samples is stepped side by side as one batched problem (the sum of per-lane losses gives
+    each adapter only its own gradient).
 
-    Returns {fraction: accuracy per task}, each task evaluated on its full test set after it
-    has seen that fraction of its samples. `visit(task, row)` is told every sample used.
+    Returns, per method, {fraction: accuracy per task}, each task evaluated on its full test
+    set after it has seen that fraction of its samples. `visit(method, task, row)` is told
+    every sample used.
     """
     criterion = loss_fn(loss)
-    init = Surgery(len(data.merged), data.merged[0].shape[1], rank, seed)
+    first = datas[0]
+    init = Surgery(len(first.merged), first.merged[0].shape[1], rank, seed)
     generator = torch.Generator().manual_seed(seed + 1)
-    orders = [torch.randperm(len(z), generator=generator) for z in data.merged]
-    out = {f: [0.0] * len(data.merged) for f in fractions}
-    groups: dict[int, list[int]] = {}
-    for t, z in enumerate(data.merged):
-        groups.setdefault(len(z), []).append(t)
+    orders = [torch.randperm(len(z), generator=generator) for z in first.merged]
+    out = [{f: [0.0] * len(first.merged) for f in fractions} for _ in datas]
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for t, z in enumerate(first.merged):
+        groups.setdefault(len(z), []).extend((m, t) for m in range(len(datas)))
     for n, lanes in groups.items():
-        adapt = init.select(lanes)
+        adapt = init.select([t for _, t in lanes])
         optimiser = torch.optim.Adam(adapt.parameters(), lr=lr, betas=(0.9, 0.999))
-        z = torch.stack([data.merged[t] for t in lanes]).float()       # (L, n, d)
-        target = torch.stack([data.individual[t] for t in lanes]).float()
-        order = torch.stack([orders[t] for t in lanes], 1)               # (n, L)
+        z = torch.stack([datas[m].merged[t] for m, t in lanes]).float()       # (L, n, d)
+        target = torch.stack([datas[m].individual[t] for m, t in lanes]).float()
+        order = torch.stack([orders[t] for _, t in lanes], 1)                  # (n, L)
         lane = torch.arange(len(lanes))
         counts = online_counts(n, fractions)
         at = {}
-        for seen in progress(range(1, n + 1), desc=f"online, {len(lanes)} task(s) of {n} samples", unit="sample",
+        for seen in progress(range(1, n + 1), desc=f"online, {len(lanes)} lane(s) of {n} samples", unit="sample",
                              leave=False):
             rows = order[seen - 1]
             if visit is not None:
-                for l, t in enumerate(lanes):
-                    visit(t, int(rows[l]))
+                for l, (m, t) in enumerate(lanes):
+                    visit(m, t, int(rows[l]))
             value = criterion(adapt(z[lane, rows].unsqueeze(1)), target[lane, rows].unsqueeze(1)).sum()
             optimiser.zero_grad(set_to_none=True)
             value.backward()
@@ -143,8 +147,9 @@ def online(data: TaskSet, *, rank: int, lr: float, loss: str, seed: int, fractio
             if seen in counts:
                 with torch.no_grad():
                     adapted = adapt(z)
-                at[seen] = [metrics.accuracy(adapted[l], data.heads[t], data.labels[t]) for l, t in enumerate(lanes)]
+                at[seen] = [metrics.accuracy(adapted[l], datas[m].heads[t], datas[m].labels[t])
+                            for l, (m, t) in enumerate(lanes)]
         for count, fraction in zip(counts, fractions):
-            for l, t in enumerate(lanes):
-                out[fraction][t] = at[count][l]
+            for l, (m, t) in enumerate(lanes):
+                out[m][fraction][t] = at[count][l]
     return out

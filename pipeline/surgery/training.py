@@ -77,36 +77,40 @@ def fit(fetch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *, n_tasks: i
 Features = list[torch.Tensor]  # (N_t, d) per task
 
 
-def train_groups(groups: list[tuple[Features, Features]], *, rank: int, lr: float, steps: int, batch_size: int,
+def train_groups(merged_sets: list[Features], individual: Features, *, rank: int, lr: float, steps: int, batch_size: int,
                  loss: str = "l1", seed: int = 0, device: torch.device | str = "cpu",
                  progress: Callable = lambda it: it, on_step: Callable[[int, list[Surgery]], None] | None = None
                  ) -> list[tuple[Surgery, list[float]]]:
-    """Train several independent sets of adapters over the same tasks (one set per merge
-    method: its merged features and the individual targets) as one batched problem. Each set
-    comes out bitwise as if `train` had trained it alone, in a fraction of the time."""
-    sizes = [len(m) for m in groups[0][0]]
-    for merged, individual in groups:
+    """Train several independent sets of adapters (one per merge method: its merged features)
+    toward the same individual targets, as one batched problem. Each set comes out bitwise as
+    if `train` had trained it alone, in a fraction of the time."""
+    sizes = [len(i) for i in individual]
+    for merged in merged_sets:
         if len(merged) != len(individual) or any(m.shape != i.shape for m, i in zip(merged, individual)):
             raise PipelineError("merged and individual features must have the same shape for every task")
-        if [len(m) for m in merged] != sizes:
-            raise PipelineError("adapter sets trained together must cover the same tasks and rows")
     loss_fn(loss)  # an unknown loss is refused before any work
     index = plan(sizes, batch_size, steps, seed).to(device)
-    merged = [m.to(device, torch.float32) for g in groups for m in g[0]]
-    individual = [i.to(device, torch.float32) for g in groups for i in g[1]]
-    lane_task = [k % len(sizes) for k in range(len(merged))]
+    # Every lane's rows gathered by one indexing op per step: the merged features of all sets
+    # and tasks in one flat table (lane l = set g, task t), the shared targets in another.
+    merged = torch.cat([m.to(device, torch.float32) for features in merged_sets for m in features])
+    targets = torch.cat([i.to(device, torch.float32) for i in individual])
+    starts = torch.tensor([0, *sizes[:-1]]).cumsum(0).to(device)
+    lane_task = torch.arange(len(merged_sets) * len(sizes), device=device) % len(sizes)
+    lane_start = (torch.arange(len(merged_sets), device=device).repeat_interleave(len(sizes)) * sum(sizes)
+                  + starts[lane_task])
 
     def fetch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = index[step]
-        return (torch.stack([m[rows[t]] for m, t in zip(merged, lane_task)]),
-                torch.stack([i[rows[t]] for i, t in zip(individual, lane_task)]))
+        rows = index[step][lane_task]                      # (lanes, B) rows within each task
+        shape = (len(lane_task), batch_size, merged.shape[1])
+        return (merged[(rows + lane_start[:, None]).view(-1)].view(shape),
+                targets[(rows + starts[lane_task][:, None]).view(-1)].view(shape))
 
-    hook = None if on_step is None else (lambda step, module: on_step(step, module.split(len(groups))))
-    module, curves = fit(fetch, n_tasks=len(sizes), dim=merged[0].shape[1], rank=rank, lr=lr, steps=steps, loss=loss,
-                        seed=seed, device=device, copies=len(groups), progress=progress, on_step=hook)
-    return list(zip(module.split(len(groups)), curves))
+    hook = None if on_step is None else (lambda step, module: on_step(step, module.split(len(merged_sets))))
+    module, curves = fit(fetch, n_tasks=len(sizes), dim=merged.shape[1], rank=rank, lr=lr, steps=steps, loss=loss,
+                        seed=seed, device=device, copies=len(merged_sets), progress=progress, on_step=hook)
+    return list(zip(module.split(len(merged_sets)), curves))
 
 
 def train(merged: Features, individual: Features, **settings) -> tuple[Surgery, list[float]]:
     """Train all tasks' adapters on cached features (lists of (N_t, d) tensors, one per task)."""
-    return train_groups([(merged, individual)], **settings)[0]
+    return train_groups([merged], individual, **settings)[0]
