@@ -7,11 +7,12 @@ fine-tuned encoder on its own task), `mtl` (Traditional MTL, miniature world) an
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
-from cache.files import write_text
+from cache.files import tree_digest, write_text
 
 SPLIT = "test"  # merging, surgery and evaluation all use the unlabeled test split
 
@@ -97,3 +98,11 @@ def read_json(path: Path, *, hint: str) -> Any:
     if not Path(path).exists():
         raise PipelineError(f"{path} does not exist: {hint}")
     return json.loads(Path(path).read_text())
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """The installed library's code (pipeline/ and cache/): results recorded with a digest of
+    their inputs include it, so a code change never leaves them taken as current."""
+    root = Path(__file__).resolve().parents[1]
+    return tree_digest(root / "pipeline", root / "cache")

@@ -15,10 +15,12 @@ from stages.common import progress
 
 
 def inputs_of(key: str, params: Params) -> str:
-    """What this entry's adapters depend on: both encoders' stores, the tasks and the settings."""
+    """What this entry's adapters depend on: both encoders' stores, the tasks, the settings and
+    the code that trains them."""
     stores = {f"{enc}/{t}": open_features(enc, t).attrs["sha256"]
               for enc in (workspace.merged_encoder(key), "individual") for t in params.tasks}
-    return inputs_digest(tasks=params.tasks, surgery=params.surgery.model_dump(), stores=stores)
+    return inputs_digest(tasks=params.tasks, surgery=params.surgery.model_dump(), stores=stores,
+                         code=workspace.code_digest())
 
 
 def run_surgery(params: Params, device: torch.device, keys: list[str] | None = None) -> None:

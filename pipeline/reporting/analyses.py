@@ -281,18 +281,6 @@ FILES_READ = {"rank": ["baselines"], "loss": ["baselines"], "data-ratio": ["base
               "curve": ["baselines"], "bias": ["metrics"], "tsne": ["surgery"]}
 
 
-@functools.lru_cache(maxsize=1)
-def _code_digest() -> str:
-    """The library's code: an analysis made by other code is never taken as current."""
-    digest = hashlib.sha256()
-    for package in ("pipeline", "cache"):
-        root = Path(__file__).resolve().parents[2] / package
-        for path in sorted(root.rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode())
-            sha256_file(path, digest)
-    return digest.hexdigest()
-
-
 def identity(name: str, ctx: Context) -> str:
     """A digest of everything analysis `name` depends on: its settings, the surgery settings it
     trains with, the merge entries and their labels, every feature store, the heads, the
@@ -305,7 +293,7 @@ def identity(name: str, ctx: Context) -> str:
     parts = {"name": name, "tasks": ctx.names, "labels": ctx.labels_of, "stores": stores,
              "settings": getattr(ctx.params.analyses, name.replace("-", "_"), None),
              "surgery": {k: getattr(ctx.params.surgery, k) for k in SURGERY_READ.get(name, [])},
-             "world": ctx.params.is_world, "code": _code_digest(),
+             "world": ctx.params.is_world, "code": workspace.code_digest(),
              "files": {str(p): sha256_file(p).hexdigest() if p.exists() else None
                        for p in [workspace.HEADS, *sorted(workspace.LABELS.glob("*.json")), *read]}}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
