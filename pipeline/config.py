@@ -125,6 +125,7 @@ class Tsne(Section):
 
 
 class Analyses(Section):
+    surgery: Surgery    # the reference setting the analyses study (the paper's: the recipe's values)
     rank: RankSweep
     loss: LossSweep
     data_ratio: DataRatio
@@ -294,13 +295,9 @@ def load(path: Path | str = "params.yaml") -> Params:
         raise PipelineError(f"{path}: {exc}") from None
 
 
-def check_rows(params: Params, rows: dict[str, int], *, merge_key: str | None = None) -> None:
-    """A batch size that samples a task's test rows must not exceed them (known once data exists):
-    surgery's, or with `merge_key` that merge entry's `batch_size`."""
+def check_rows(rows: dict[str, int], key: str, size: int) -> None:
+    """A batch size (params `key`) that samples a task's test rows must not exceed them: checked
+    once the data exists."""
     fewest = min(rows, key=rows.get)
-    if merge_key is None:
-        key, size = "surgery.batch_size", params.surgery.batch_size
-    else:
-        key, size = f"merge.{merge_key}.batch_size", getattr(params.merge_entry(merge_key).params, "batch_size", 0)
     if size > rows[fewest]:
         raise _error(key, size, f"at most the smallest task's {rows[fewest]} test rows ({fewest})")

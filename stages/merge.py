@@ -15,8 +15,9 @@ def merge(key: str, params: Params, device: torch.device) -> None:
     entry = params.merge_entry(key)
     method = registry.get(entry.method)
     inputs = load_inputs(method, params.tasks, device=device, progress=progress)
-    if "images" in method.needs:
-        check_rows(params, dict(zip(params.tasks, map(len, inputs.datasets))), merge_key=key)
+    if "images" in method.needs and "batch_size" in entry.params.model_fields:
+        check_rows(dict(zip(params.tasks, map(len, inputs.datasets))), f"merge.{key}.batch_size",
+                   entry.params.batch_size)
     result = method.run(inputs, entry.params)
     fp = save_state(workspace.merged_checkpoint(key), result.state, method=entry.method, key=key)
     workspace.write_json(workspace.merged_info(key), {

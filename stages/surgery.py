@@ -30,7 +30,8 @@ def run_surgery(params: Params, device: torch.device, keys: list[str] | None = N
         raise PipelineError(f"unknown merge entry {unknown[0]!r}: the entries of params `merge` are "
                             f"{', '.join(params.methods)}")
     cfg = params.surgery
-    check_rows(params, {t: open_features("individual", t).n_rows for t in params.tasks})
+    check_rows({t: open_features("individual", t).n_rows for t in params.tasks}, "surgery.batch_size",
+               cfg.batch_size)
     stale = []
     for key in keys:
         digest = inputs_of(key, params)

@@ -50,14 +50,16 @@ def test_sweep_tables_have_baselines_then_each_method_without_and_with_every_set
 
 
 def test_sweeps_reproduce_the_pipelines_surgery_at_its_own_settings(world):
-    """r=4, L1, 100% of the data and the curve's last step are exactly the pipeline's surgery."""
+    """At the pipeline's settings (the tiny world's analyses study the same ones), r=4, L1, 100% of
+    the data and the curve's last step are exactly the pipeline's surgery."""
+    assert TINY["analyses"]["surgery"] == TINY["surgery"]
     metrics = json.loads((world / "results" / "metrics.json").read_text())
     rank, ratio, loss = read(world, "rank"), read(world, "data-ratio"), read(world, "loss")
-    curve, steps = read(world, "curve"), TINY["surgery"]["steps"]
+    curve, steps = read(world, "curve"), TINY["analyses"]["surgery"]["steps"]
     for method in METHODS:
         for task in TASKS:
             expected = metrics[method]["surgery_acc"][task]
-            assert cell(rank, method, f"r={TINY['surgery']['rank']}", task) == pytest.approx(expected, abs=0.01)
+            assert cell(rank, method, f"r={TINY['analyses']['surgery']['rank']}", task) == pytest.approx(expected, abs=0.01)
             assert cell(loss, method, "L1", task) == pytest.approx(expected, abs=0.01)
             assert cell(ratio, method, "100%", task) == pytest.approx(expected, abs=0.01)
             assert cell(curve, method, f"step {steps}", task) == pytest.approx(expected, abs=0.01)
@@ -67,7 +69,7 @@ def test_sweeps_reproduce_the_pipelines_surgery_at_its_own_settings(world):
 
 def test_curve_is_evaluated_every_n_steps(world):
     rows = read(world, "curve")
-    every, steps = TINY["analyses"]["curve"]["eval_every"], TINY["surgery"]["steps"]
+    every, steps = TINY["analyses"]["curve"]["eval_every"], TINY["analyses"]["surgery"]["steps"]
     expected = [f"step {s}" for s in range(0, steps + 1, every)]
     assert [r["setting"] for r in rows if r["method"] == "ties_merging"] == expected
 

@@ -2,8 +2,11 @@
 table.csv + table.md (rows = methods and settings, columns = tasks + avg), plot.csv (the
 `dvc plots` data: one column per method) and figure.png/.svg.
 
-Each analysis reads only its own `analyses.<name>` params and the `surgery` settings it does
-not sweep, so `dvc exp run -S surgery.rank=64` leaves the rank sweep cached. The surgery they
+The analyses study surgery at one reference setting, `analyses.surgery` (the recipe's values,
+as in the paper's tables), not at the pipeline's `surgery` (your experiment behind
+metrics.json), so their tables stay comparable with the paper's whatever that experiment is.
+Each reads only its own `analyses.<name>` params and the reference settings it does not
+sweep; only the bias analysis (Fig. 2/5) reads the pipeline's results (metrics.json). The surgery they
 train comes from pipeline/surgery/sweeps.py; this module turns it into tables and figures."""
 from __future__ import annotations
 
@@ -17,13 +20,12 @@ import torch
 
 from cache.files import sha256_file
 from pipeline import workspace
-from pipeline.config import Params
+from pipeline.config import Params, check_rows
 from pipeline.errors import PipelineError
 from pipeline.features.stores import read_features, read_labels
 from pipeline.models.checkpoints import load_heads
 from pipeline.reporting import figures, metrics, tables, tsne
 from pipeline.surgery import sweeps
-from pipeline.surgery.adapters import load_surgery
 
 OUT = workspace.ANALYSES
 ANALYSES = ("baselines", "rank", "loss", "data-ratio", "online", "curve", "bias", "tsne")
@@ -43,13 +45,15 @@ class Context:
         heads = load_heads(workspace.HEADS, self.names)
         self.heads = [heads[t] for t in self.names]
         self.labels = [read_labels(t) for t in self.names]
+        check_rows(dict(zip(self.names, map(len, self.labels))), "analyses.surgery.batch_size",
+                   params.analyses.surgery.batch_size)
 
     def cfg(self, name: str):
         return getattr(self.params.analyses, name.replace("-", "_"))
 
     def surgery(self, *, without: str | None = None) -> dict:
-        """The pipeline's surgery settings (minus the swept one) for `pipeline.surgery.train`."""
-        cfg = self.params.surgery.model_dump()
+        """The analyses' surgery settings (`analyses.surgery`, minus the swept one) for training."""
+        cfg = self.params.analyses.surgery.model_dump()
         return {**{k: cfg[k] for k in SURGERY_KEYS if k != without}, "device": self.device}
 
     @functools.lru_cache(maxsize=None)
@@ -183,7 +187,7 @@ def run_online(ctx: Context) -> Path:
     """Table 5: online surgery (batch 1, each sample once, tasks in sequence) at checkpoints."""
     cfg = ctx.cfg("online")
     fractions = list(cfg.checkpoints)
-    s = ctx.params.surgery
+    s = ctx.params.analyses.surgery
     base_rows, lines = _baselines(ctx)
     rows, done = [], dict(zip(ctx.methods, sweeps.online(ctx.tasksets(), rank=s.rank, lr=s.lr, loss=s.loss,
                                                           seed=cfg.seed, fractions=fractions, progress=ctx.progress)))
@@ -240,15 +244,15 @@ def run_bias(ctx: Context) -> Path:
 
 def run_tsne(ctx: Context) -> Path:
     """Fig. 1/4: t-SNE of individual (blue) vs. merged (red) features per task, without and
-    with the pipeline's trained surgery (models/surgery/METHOD.safetensors)."""
+    with surgery trained at the analyses' settings."""
     cfg = ctx.cfg("tsne")
     chosen = list(cfg.methods or ctx.methods)
+    adapters = dict(zip(chosen, sweeps.trained([ctx.taskset(m) for m in chosen], ctx.surgery())))
     out = OUT / "tsne"
     out.mkdir(parents=True, exist_ok=True)
     variants = ("merged", "merged + surgery")
     pairs, summary = [], []
-    for method in chosen:
-        surgery = load_surgery(method, ctx.names)
+    for method, surgery in adapters.items():
         for t, task in enumerate(ctx.names):
             individual, merged = ctx.features("individual")[t], ctx.features(method)[t]
             rows = torch.from_numpy(tsne.sample_rows(len(merged), cfg.samples, cfg.seed))
@@ -275,24 +279,24 @@ RUNNERS = {"baselines": run_baselines, "rank": run_rank, "loss": run_loss, "data
 
 # The surgery settings each analysis trains with (the others it sweeps, or reads no surgery).
 SURGERY_READ = {"rank": [k for k in SURGERY_KEYS if k != "rank"], "loss": [k for k in SURGERY_KEYS if k != "loss"],
-                "data-ratio": list(SURGERY_KEYS), "curve": list(SURGERY_KEYS), "online": ["rank", "lr", "loss"]}
+                "data-ratio": list(SURGERY_KEYS), "curve": list(SURGERY_KEYS), "online": ["rank", "lr", "loss"],
+                "tsne": list(SURGERY_KEYS)}
 # Files whose content an analysis reads besides the feature stores, heads and labels.
 FILES_READ = {"rank": ["baselines"], "loss": ["baselines"], "data-ratio": ["baselines"], "online": ["baselines"],
-              "curve": ["baselines"], "bias": ["metrics"], "tsne": ["surgery"]}
+              "curve": ["baselines"], "bias": ["metrics"]}
 
 
 def identity(name: str, ctx: Context) -> str:
     """A digest of everything analysis `name` depends on: its settings, the surgery settings it
     trains with, the merge entries and their labels, every feature store, the heads, the
-    labels, the files it reads (baselines, metrics, adapters) and the code."""
+    labels, the files it reads (baselines, metrics) and the code."""
     stores = sorted(str(p) + "=" + json.loads((p / "zarr.json").read_text())["attributes"].get("sha256", "")
                     for p in workspace.FEATURES.glob("**/*.zarr") if (p / "zarr.json").exists())
-    files = {"baselines": [OUT / "baselines" / "baselines.json"], "metrics": [workspace.METRICS],
-             "surgery": [workspace.surgery_checkpoint(m) for m in ctx.methods]}
+    files = {"baselines": [OUT / "baselines" / "baselines.json"], "metrics": [workspace.METRICS]}
     read = [p for kind in FILES_READ.get(name, []) for p in files[kind]]
     parts = {"name": name, "tasks": ctx.names, "labels": ctx.labels_of, "stores": stores,
              "settings": getattr(ctx.params.analyses, name.replace("-", "_"), None),
-             "surgery": {k: getattr(ctx.params.surgery, k) for k in SURGERY_READ.get(name, [])},
+             "surgery": {k: getattr(ctx.params.analyses.surgery, k) for k in SURGERY_READ.get(name, [])},
              "world": ctx.params.is_world, "code": workspace.code_digest(),
              "files": {str(p): sha256_file(p).hexdigest() if p.exists() else None
                        for p in [workspace.HEADS, *sorted(workspace.LABELS.glob("*.json")), *read]}}
