@@ -177,6 +177,7 @@ class Params(Section):
     mtl: Finetune
     analyses: Analyses
     _entries: dict[str, MergeEntry] = PrivateAttr(default_factory=dict)
+    _source: str = PrivateAttr(default="params")  # the file the params were read from
 
     @property
     def is_world(self) -> bool:
@@ -191,6 +192,14 @@ class Params(Section):
         if key not in self.merge:
             raise PipelineError(f"no merge entry {key!r} in params `merge`: the entries are {', '.join(self.merge)}")
         return self._entries[key]
+
+    def check_rows(self, rows: dict[str, int], key: str, size: int) -> None:
+        """A batch size (params `key`) that samples a task's test rows must not exceed them:
+        checked once the data exists, with the same one-line message as `load`'s."""
+        fewest = min(rows, key=rows.get)
+        if size > rows[fewest]:
+            raise PipelineError(f"{self._source}: params `{key}` = {size}: expected at most the smallest task's "
+                                f"{rows[fewest]} test rows ({fewest})")
 
     def labels(self) -> dict[str, str]:
         """Readable names of the merge entries, for tables and figures."""
@@ -290,14 +299,9 @@ def load(path: Path | str = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     try:
-        return validate(raw)
+        params = validate(raw)
     except PipelineError as exc:
         raise PipelineError(f"{path}: {exc}") from None
+    params._source = str(path)
+    return params
 
-
-def check_rows(rows: dict[str, int], key: str, size: int) -> None:
-    """A batch size (params `key`) that samples a task's test rows must not exceed them: checked
-    once the data exists."""
-    fewest = min(rows, key=rows.get)
-    if size > rows[fewest]:
-        raise _error(key, size, f"at most the smallest task's {rows[fewest]} test rows ({fewest})")

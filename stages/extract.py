@@ -16,7 +16,6 @@ import torch
 from pipeline import workspace
 from pipeline.config import Params
 from pipeline.data import datasets
-from pipeline.errors import PipelineError
 from pipeline.features import jobs as planning
 from pipeline.features.extraction import extract, is_done
 from pipeline.features.stores import write_labels

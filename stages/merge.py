@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import workspace
-from pipeline.config import Params, check_rows
+from pipeline.config import Params
 from pipeline.merging import registry
 from pipeline.merging.inputs import load_inputs
 from pipeline.models.checkpoints import save_state
@@ -16,8 +16,8 @@ def merge(key: str, params: Params, device: torch.device) -> None:
     method = registry.get(entry.method)
     inputs = load_inputs(method, params.tasks, device=device, progress=progress)
     if "images" in method.needs and "batch_size" in entry.params.model_fields:
-        check_rows(dict(zip(params.tasks, map(len, inputs.datasets))), f"merge.{key}.batch_size",
-                   entry.params.batch_size)
+        params.check_rows(dict(zip(params.tasks, map(len, inputs.datasets))), f"merge.{key}.batch_size",
+                          entry.params.batch_size)
     result = method.run(inputs, entry.params)
     fp = save_state(workspace.merged_checkpoint(key), result.state, method=entry.method, key=key)
     workspace.write_json(workspace.merged_info(key), {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import workspace
-from pipeline.config import Params, check_rows
+from pipeline.config import Params
 from pipeline.errors import PipelineError
 from pipeline.features.stores import open_features, read_features
 from pipeline.surgery.adapters import inputs_digest, save_surgery, trained_inputs
@@ -30,8 +30,8 @@ def run_surgery(params: Params, device: torch.device, keys: list[str] | None = N
         raise PipelineError(f"unknown merge entry {unknown[0]!r}: the entries of params `merge` are "
                             f"{', '.join(params.methods)}")
     cfg = params.surgery
-    check_rows({t: open_features("individual", t).n_rows for t in params.tasks}, "surgery.batch_size",
-               cfg.batch_size)
+    params.check_rows({t: open_features("individual", t).n_rows for t in params.tasks}, "surgery.batch_size",
+                      cfg.batch_size)
     stale = []
     for key in keys:
         digest = inputs_of(key, params)

@@ -20,7 +20,7 @@ import torch
 
 from cache.files import sha256_file
 from pipeline import workspace
-from pipeline.config import Params, check_rows
+from pipeline.config import Params
 from pipeline.errors import PipelineError
 from pipeline.features.stores import read_features, read_labels
 from pipeline.models.checkpoints import load_heads
@@ -45,8 +45,8 @@ class Context:
         heads = load_heads(workspace.HEADS, self.names)
         self.heads = [heads[t] for t in self.names]
         self.labels = [read_labels(t) for t in self.names]
-        check_rows(dict(zip(self.names, map(len, self.labels))), "analyses.surgery.batch_size",
-                   params.analyses.surgery.batch_size)
+        params.check_rows(dict(zip(self.names, map(len, self.labels))), "analyses.surgery.batch_size",
+                          params.analyses.surgery.batch_size)
 
     def cfg(self, name: str):
         return getattr(self.params.analyses, name.replace("-", "_"))

@@ -11,7 +11,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.reporting import metrics
 from pipeline.errors import PipelineError
