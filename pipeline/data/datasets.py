@@ -42,6 +42,11 @@ def task_info(root: Path, task: str) -> TaskInfo:
     return TaskInfo(task, list(meta["classnames"]), list(meta["templates"]))
 
 
+def has_split(root: Path, task: str, split: str) -> bool:
+    """Whether the task folder holds shards of `split` (`shards` raises where it does not)."""
+    return any((task_dir(root, task) / "data").glob(f"{split}-*.parquet"))
+
+
 def shards(root: Path, task: str, split: str) -> list[Path]:
     files = sorted((task_dir(root, task) / "data").glob(f"{split}-*.parquet"))
     if not files:

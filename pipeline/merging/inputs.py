@@ -5,12 +5,15 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
 from pipeline.errors import PipelineError
 from pipeline.merging.task_vectors import StateDict, task_vector
+
+SPLITS = ("train", "test")
+Split = Literal["auto", "train", "test"]  # a data-using method's `split` param
 
 
 @dataclass
@@ -21,9 +24,12 @@ class MergeInputs:
     finetuned: list[StateDict]
     encoder: torch.nn.Module | None = None          # the pretrained image tower, for functional calls
     _heads: list[torch.Tensor] | None = None         # one zero-shot head per task
-    _datasets: list | None = None                    # unlabeled, preprocessed images per task
+    _datasets: list | None = None                    # unlabeled, preprocessed images per task (test split)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: Callable = lambda it, **kw: it
+    # other splits, per task (None: the task has no such split); filled lazily by `_open`
+    _splits: dict[str, list[Any | None]] = field(default_factory=dict)
+    _open: Callable[[str, str], Any | None] | None = None  # (task name, split) -> dataset or None
 
     @functools.cached_property
     def vectors(self) -> list[StateDict]:
@@ -44,19 +50,56 @@ class MergeInputs:
     def datasets(self) -> list:
         return self._need("images", self._datasets)
 
-    def stream(self, task: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    def _split_datasets(self, split: str) -> list:
+        if split == "test":
+            return self.datasets
+        if split not in SPLITS:
+            raise PipelineError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)} (or auto)")
+        self._need("images", self._datasets)  # the one declaration covers every split
+        if split not in self._splits:
+            opened = [self._open(t, split) if self._open else None for t in self.tasks]
+            self._splits[split] = opened
+        return self._splits[split]
+
+    def has_split(self, task: int, split: str) -> bool:
+        return self._split_datasets(split)[task] is not None
+
+    def resolve_split(self, task: int, split: str) -> str:
+        """`auto` is the train split where the task has one, else the test split (transductive)."""
+        if split == "auto":
+            return "train" if self.has_split(task, "train") else "test"
+        if not self.has_split(task, split):
+            raise PipelineError(f"merge method {self.method!r}: task {self.tasks[task]!r} has no {split} split; "
+                                "set the entry's `split` to auto or test, or fetch/import that split")
+        return split
+
+    def dataset(self, task: int, split: str = "test"):
+        """Task `task`'s unlabeled images of `split` (`auto` resolved as `resolve_split` does)."""
+        return self._split_datasets(self.resolve_split(task, split))[task]
+
+    def stream(self, task: int, batch_size: int, seed: int, split: str = "test") -> Iterator[torch.Tensor]:
         """Endless shuffled batches of task `task`'s unlabeled images, reshuffled every epoch."""
         from pipeline.data.datasets import loader
 
-        dataset = self.datasets[task]
+        dataset = self.dataset(task, split)
         for epoch in itertools.count():
             yield from loader(dataset, batch_size, shuffle=True, seed=seed + epoch)
+
+    def sample(self, task: int, images: int, batch_size: int, seed: int, split: str = "test") -> Iterator[torch.Tensor]:
+        """`images` images of the task (all of them where it has fewer), in seeded shuffled order, in
+        batches of at most `batch_size`; each image at most once."""
+        left = min(images, len(self.dataset(task, split)))
+        stream = self.stream(task, batch_size, seed, split)
+        while left > 0:
+            batch = next(stream)[:left]
+            left -= len(batch)
+            yield batch
 
 
 def load_inputs(method, tasks: list[str], *, device: torch.device, progress: Callable) -> MergeInputs:
     """Read the workspace's pretrained and fine-tuned encoders, and whatever else `method` needs."""
     from pipeline import workspace
-    from pipeline.data.datasets import ImageDataset
+    from pipeline.data.datasets import ImageDataset, has_split
     from pipeline.models import clip
     from pipeline.models.checkpoints import load_heads, load_state
 
@@ -72,4 +115,6 @@ def load_inputs(method, tasks: list[str], *, device: torch.device, progress: Cal
     if "images" in method.needs:
         transform = clip.preprocess_for(clip.read_spec(workspace.PRETRAINED))
         inputs._datasets = [ImageDataset(workspace.DATA, t, workspace.SPLIT, transform) for t in tasks]
+        inputs._open = lambda task, split: (ImageDataset(workspace.DATA, task, split, transform)
+                                            if has_split(workspace.DATA, task, split) else None)
     return inputs

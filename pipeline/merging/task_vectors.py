@@ -54,8 +54,22 @@ def elect_sign(trimmed: torch.Tensor) -> torch.Tensor:
     return sign
 
 
+def agreeing(trimmed: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Mask (T, D) of the non-zero trimmed entries whose sign is the elected one."""
+    return (torch.sign(trimmed) == sign) & (trimmed != 0)
+
+
 def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, mean: bool = False) -> torch.Tensor:
     """Sum (or mean) over tasks of the entries that agree with the elected sign."""
-    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    agree = agreeing(trimmed, sign)
     merged = (trimmed * agree).sum(0)
     return merged / agree.sum(0).clamp(min=1) if mean else merged
+
+
+def ties_vectors(vectors: list[StateDict], k: float) -> list[StateDict]:
+    """Ties-Merging's processed task vectors, one per task: trimmed to the top-k% (one global
+    threshold per task), then only the entries that agree with the elected sign. Their sum is
+    Ties-Merging's disjoint sum; AdaMerging++ weights them with learned coefficients."""
+    trimmed = trim(flatten(vectors), k)
+    kept = trimmed * agreeing(trimmed, elect_sign(trimmed))
+    return [{key: t.to(vectors[0][key].dtype) for key, t in unflatten(row, vectors[0]).items()} for row in kept]

@@ -96,18 +96,26 @@ def learn(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch
     return curve
 
 
-@merge_method("adamerging", needs=("heads", "images", "device"),
-              label=lambda p: "Layer-wise AdaMerging" if p.layer_wise else "Task-wise AdaMerging")
-def adamerging(inputs: MergeInputs, *, layer_wise: bool = True, init: Annotated[float, Field(ge=0, le=1)] = 0.3,
-               lr: Annotated[float, Field(gt=0)] = 1e-3, steps: Positive = 500, batch_size: Positive = 16,
-               batches_per_task: Positive = 2, seed: int = 0) -> Merged:
-    """Task-wise (one coefficient per task) or layer-wise (one per task and parameter tensor)."""
-    coeffs = MergeCoefficients(inputs.pretrained, inputs.vectors, layer_wise=layer_wise, init=init)
-    per_task = batch_size * batches_per_task  # the reference takes two batches per task and step
-    streams = [inputs.stream(t, per_task, seed + 1000 * t) for t in range(len(inputs.tasks))]
+def adapt(inputs: MergeInputs, vectors: list[StateDict], *, layer_wise: bool, init: float, lr: float, steps: int,
+          per_task: int, seed: int, split: str = "test") -> Merged:
+    """Learn AdaMerging coefficients over `vectors` (the task vectors, or processed ones: AdaMerging++,
+    Concrete AM) on `per_task` images of every task per step, from `split`."""
+    coeffs = MergeCoefficients(inputs.pretrained, vectors, layer_wise=layer_wise, init=init)
+    streams = [inputs.stream(t, per_task, seed + 1000 * t, split) for t in range(len(inputs.tasks))]
     curve = learn(inputs.encoder, coeffs, inputs.heads, streams, steps=steps, lr=lr, device=inputs.device,
                   progress=lambda it: inputs.progress(it, desc=inputs.method, unit="step"))
     with torch.no_grad():
         merged = {k: v.cpu() for k, v in coeffs.merged().items()}
     return Merged(merged, {"keys": coeffs.keys if layer_wise else ["all"], "lambdas": coeffs.clamped().tolist(),
                            "loss_first": curve[0], "loss_last": curve[-1]})
+
+
+@merge_method("adamerging", needs=("heads", "images", "device"),
+              label=lambda p: "Layer-wise AdaMerging" if p.layer_wise else "Task-wise AdaMerging")
+def adamerging(inputs: MergeInputs, *, layer_wise: bool = True, init: Annotated[float, Field(ge=0, le=1)] = 0.3,
+               lr: Annotated[float, Field(gt=0)] = 1e-3, steps: Positive = 500, batch_size: Positive = 16,
+               batches_per_task: Positive = 2, seed: int = 0) -> Merged:
+    """Task-wise (one coefficient per task) or layer-wise (one per task and parameter tensor)."""
+    # the reference takes two batches per task and step; unlabeled test images (transductive)
+    return adapt(inputs, inputs.vectors, layer_wise=layer_wise, init=init, lr=lr, steps=steps,
+                 per_task=batch_size * batches_per_task, seed=seed, split="test")
