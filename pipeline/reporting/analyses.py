@@ -267,6 +267,8 @@ def run_tsne(ctx: Context) -> Path:
     panels = {m: {v: [] for v in variants} for m in chosen}
     for row in summary:
         panels[row["method"]][row["variant"]].append(next(embedded))
+    for stale in [f for f in out.glob("*.*") if f.suffix in (".png", ".svg") and f.stem not in chosen]:
+        stale.unlink()  # the folder persists between runs: drop figures of entries no longer drawn
     for method in chosen:
         figures.tsne_grid(ctx.names, panels[method], out / method, title=ctx.label(method))
     (out / "panels.csv").write_text(tables.to_csv(summary))
