@@ -92,14 +92,6 @@ def write_json(path: Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def read_json(path: Path, *, hint: str) -> Any:
-    from pipeline.errors import PipelineError
-
-    if not Path(path).exists():
-        raise PipelineError(f"{path} does not exist: {hint}")
-    return json.loads(Path(path).read_text())
-
-
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
     """The installed library's code (pipeline/ and cache/): results recorded with a digest of

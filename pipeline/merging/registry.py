@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
-import torch
 from pydantic import BaseModel, ConfigDict, create_model
 
 from pipeline.errors import PipelineError
+from pipeline.merging.task_vectors import StateDict
 
 ENTRY_POINT_GROUP = "repsurgery.merge_methods"
 NEEDS = ("heads", "images", "device")
-StateDict = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -65,7 +64,7 @@ def params_model(name: str, function: Callable) -> type[BaseModel]:
     for p in list(inspect.signature(function, eval_str=True).parameters.values())[1:]:
         if p.kind is not inspect.Parameter.KEYWORD_ONLY:
             raise TypeError(f"merge method {name!r}: parameter {p.name!r} must be keyword-only "
-                            "(write `def method(inputs, *, {p.name}=...)`)")
+                            f"(write `def method(inputs, *, {p.name}=...)`)")
         if p.annotation is inspect.Parameter.empty:
             raise TypeError(f"merge method {name!r}: parameter {p.name!r} needs a type annotation")
         fields[p.name] = (p.annotation, ... if p.default is inspect.Parameter.empty else p.default)
