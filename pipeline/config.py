@@ -95,30 +95,35 @@ class Surgery(Section):
     seed: int
 
 
-class RankSweep(Section):
+class PerMethod(Section):
+    """An analysis run on some merge entries: `methods` lists their keys (the paper's choice
+    by default), [] = every entry; rows always follow the params' order."""
+    methods: list[str] = []
+
+
+class RankSweep(PerMethod):
     ranks: Annotated[list[PositiveInt], Field(min_length=1)]
 
 
-class LossSweep(Section):
+class LossSweep(PerMethod):
     losses: Annotated[list[Literal[LOSSES]], Field(min_length=1)]
 
 
-class DataRatio(Section):
+class DataRatio(PerMethod):
     ratios: Annotated[list[Fraction], Field(min_length=1)]
     seed: int
 
 
-class Online(Section):
+class Online(PerMethod):
     checkpoints: Annotated[list[Fraction], Field(min_length=1)]
     seed: int
 
 
-class Curve(Section):
+class Curve(PerMethod):
     eval_every: PositiveInt
 
 
-class Tsne(Section):
-    methods: list[str]
+class Tsne(PerMethod):
     samples: PositiveInt
     perplexity: PositiveFloat
     seed: int
@@ -131,7 +136,14 @@ class Analyses(Section):
     data_ratio: DataRatio
     online: Online
     curve: Curve
+    bias: PerMethod
     tsne: Tsne
+
+    def methods(self, name: str, entries: list[str]) -> list[str]:
+        """The merge entries analysis `name` runs on, in params order."""
+        chosen = getattr(self, name.replace("-", "_"), None)
+        wanted = getattr(chosen, "methods", None) or entries
+        return [key for key in entries if key in wanted]
 
 
 class PretrainedSource(Section):
@@ -269,9 +281,11 @@ def validate(raw: Any) -> Params:
     if not params.merge:
         raise _error("merge", {}, "at least one merge entry")
     params._entries = merge_entries(params.merge)
-    for method in params.analyses.tsne.methods:
-        if method not in params.merge:
-            raise _error("analyses.tsne.methods", method, f"entries of `merge`: {', '.join(params.merge)}")
+    for name, section in params.analyses:
+        for method in getattr(section, "methods", []):
+            if method not in params.merge:
+                raise _error(f"analyses.{name}.methods", method, f"entries of `merge`: {', '.join(params.merge)} "
+                             "([] for every entry)")
     return params
 
 

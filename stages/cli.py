@@ -199,6 +199,20 @@ def bench(params: Path = ParamsOpt, device: str = DeviceOpt,
               adamerging_steps=adamerging_steps, quick=quick, out=out)
 
 
+@app.command("bench-merges")
+@_stage
+def bench_merges(keys: list[str] = typer.Argument(None, help="merge entries (default: every entry)"),
+                 params: Path = ParamsOpt, device: str = DeviceOpt,
+                 tasks: list[int] = typer.Option([2, 4, 8], "--tasks", help="numbers of tasks merged (the first n "
+                                                 "of params `tasks`)"),
+                 steps: int = typer.Option(10, min=1, help="learned schedules cut to this many steps"),
+                 out: Path = typer.Option(Path("results/bench-merges.json"), "--out", help="where the figures go")):
+    """Wall time and peak memory of merge entries against the number of tasks -> results/bench-merges.json."""
+    from stages.bench import bench_merges as run
+
+    run(*_ctx(params, device), params, keys or [], tasks, steps, out)
+
+
 @app.command()
 @_stage
 def mtl(params: Path = ParamsOpt, device: str = DeviceOpt):

@@ -1,5 +1,6 @@
 """Stage `evaluate`: accuracy with and without surgery, and representation bias (Eq. 1), from
-cached features only -> results/metrics.json and results/accuracy.md."""
+cached features only -> results/metrics.json and results/accuracy.md (with the baselines:
+zero-shot, individual and, in the miniature world, Traditional MTL)."""
 from __future__ import annotations
 
 import torch
@@ -30,10 +31,8 @@ def evaluate(params: Params) -> dict:
     def features(store) -> torch.Tensor:
         return torch.from_numpy(store.to_numpy())
 
-    results = {
-        "pretrained": {"acc": _with_avg({t: acc(features(open_features("pretrained", t)), t) for t in names})},
-        "individual": {"acc": _with_avg({t: acc(features(individual[t]), t) for t in names})},
-    }
+    baselines = ["pretrained", "individual"] + (["mtl"] if params.is_world else [])  # Traditional MTL: world only
+    results = {b: {"acc": _with_avg({t: acc(features(open_features(b, t)), t) for t in names})} for b in baselines}
     for key in progress(params.methods, desc="evaluate", unit="method"):
         surgery = load_surgery(key, names)
         out = {"acc": {}, "surgery_acc": {}, "bias": {}, "surgery_bias": {}}
@@ -55,11 +54,10 @@ def evaluate(params: Params) -> dict:
 
 
 def accuracy_table(results: dict, names: list[str], labels: dict[str, str]) -> str:
-    """The paper's layout: Pretrained, Individual, then each method and its + surgery row."""
-    rows = []
-    for key, r in results.items():
-        rows.append({"method": key, "setting": "", **r["acc"], "bias": r.get("bias", {}).get("avg")})
-        if "surgery_acc" in r:
-            rows.append({"method": key, "setting": "", "label": f"{labels[key]} + surgery", **r["surgery_acc"],
-                         "bias": r["surgery_bias"]["avg"]})
+    """The paper's Table 1 layout: the baselines, every merge entry (params order), then every
+    entry with surgery."""
+    rows = [{"method": key, "setting": "", **r["acc"], "bias": r.get("bias", {}).get("avg")}
+            for key, r in results.items()]
+    rows += [{"method": key, "setting": "", "label": f"{labels[key]} + surgery", **r["surgery_acc"],
+              "bias": r["surgery_bias"]["avg"]} for key, r in results.items() if "surgery_acc" in r]
     return tables.to_markdown(rows, names, labels, extra={"bias": "bias avg"})

@@ -23,5 +23,5 @@ def merge(key: str, params: Params, device: torch.device) -> None:
     workspace.write_json(workspace.merged_info(key), {
         "key": key, "method": entry.method, "label": entry.label, "params": entry.params.model_dump(),
         "tasks": params.tasks, "fingerprint": fp, **result.info})
-    print(f"{key} ({entry.label}): merged {len(params.tasks)} encoders -> {workspace.merged_checkpoint(key)} "
+    print(f"{key} ({entry.label}), {len(params.tasks)} tasks -> {workspace.merged_checkpoint(key)} "
           f"(fingerprint {fp}); details in {workspace.merged_info(key)}")

@@ -1,5 +1,5 @@
 """`repsurgery plots`: results/dvc.yaml, the `plots:` that `dvc plots show` draws, generated
-from params `merge`.
+from params `merge` and each analysis' `methods`.
 
 DVC cannot template a plots section, and its Vega plots name one column per merge entry, so
 the plots live in their own dvc.yaml (DVC reads every dvc.yaml in the repository), written
@@ -27,19 +27,22 @@ Y_TITLE = "average accuracy (%)"
 
 
 def section(params: Params) -> str:
-    keys = ", ".join(params.methods)
+    def methods(name: str) -> list[str]:
+        return params.analyses.methods(name, params.methods)
+
     lines = [HEADER, "plots:"]
     for title, template, x, name in SWEEPS:
+        keys = ", ".join(methods(name))
         lines += [f"  - {title}:", f"      template: {template}", f"      x: {x}",
                   f"      y_label: {Y_TITLE}", f"      x_label: {x}", "      y:",
                   f"        {(workspace.analysis(name) / 'plot.csv').relative_to(workspace.RESULTS)}: [{keys}]"]
-    bias = ", ".join(f"{k}, {k}+surgery" for k in params.methods)
+    bias = ", ".join(f"{k}, {k}+surgery" for k in methods("bias"))
     lines += ["  - Representation bias per task, Fig. 2 / 5:", "      template: bar_horizontal", "      x: task",
               "      x_label: task", "      y_label: representation bias (Eq. 1)", "      y:",
               f"        {(workspace.analysis('bias') / 'plot.csv').relative_to(workspace.RESULTS)}: [{bias}]"]
     lines += [f"  - {(workspace.analysis(name) / 'figure.png').relative_to(workspace.RESULTS)}" for name in FIGURES]
     lines += [f"  - {(workspace.analysis('tsne') / (key + '.png')).relative_to(workspace.RESULTS)}"
-              for key in (params.analyses.tsne.methods or params.methods)]
+              for key in methods("tsne")]
     return "\n".join(lines) + "\n"
 
 

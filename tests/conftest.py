@@ -21,20 +21,39 @@ TINY = {
               "text": {"width": 32, "layers": 1, "heads": 2, "context_length": 16}},
     "pretrain": {"steps": 40, "batch_size": 64, "lr": 0.002, "weight_decay": 0.1, "named": {"default": 0.5}, "alias": {"default": 0.3}},
     "finetune": {"steps": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 0.1, "warmup": 2},
-    "merge": {"weight_averaging": {}, "task_arithmetic": {"scaling": 0.3},
-              "ties_merging": {"k": 20, "scaling": 0.3, "merge": "sum"},
-              **{name: {"method": "adamerging", "layer_wise": name == "lw_adamerging", "init": 0.3, "lr": 0.001,
-                        "steps": 3, "batch_size": 8, "batches_per_task": 2, "seed": 0}
-                 for name in ("tw_adamerging", "lw_adamerging")}},
+    "merge": {  # every built-in method, in the paper's Table 1 order, at tiny schedules
+        "weight_averaging": {},
+        "fisher_merging": {"images": 24, "batch_size": 8, "seed": 0, "split": "auto"},
+        "regmean": {"images": 24, "batch_size": 8, "alpha": 0.9, "seed": 0, "split": "auto"},
+        "task_arithmetic": {"scaling": 0.3},
+        "ties_merging": {"k": 20, "scaling": 0.3, "merge": "sum"},
+        "concrete_task_arithmetic": {"steps": 3, "batch_size": 8, "split": "test"},
+        "concrete_adamerging": {"mask_steps": 2, "steps": 2, "batch_size": 8},
+        **{name: {"method": "adamerging", "layer_wise": name == "lw_adamerging", "init": 0.3, "lr": 0.001,
+                  "steps": 3, "batch_size": 8, "batches_per_task": 2, "seed": 0}
+           for name in ("tw_adamerging", "lw_adamerging")},
+        **{name: {"method": "adamerging_pp", "layer_wise": name == "lw_adamergingpp", "steps": 3, "batch_size": 8,
+                  "batches_per_task": 1} for name in ("tw_adamergingpp", "lw_adamergingpp")},
+        "mtl_checkpoint": {"method": "checkpoint", "label": "Traditional MTL (checkpoint)",
+                           "path": "models/mtl/encoder.safetensors"}},
     "extract": {"batch_size": 32, "dtype": "float32", "autocast": "none"},
     "surgery": {"rank": 4, "lr": 0.001, "steps": 60, "batch_size": 16, "loss": "l1", "seed": 0},
     "mtl": {"steps": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 0.1, "warmup": 2},
     "analyses": {"surgery": {"rank": 4, "lr": 0.001, "steps": 60, "batch_size": 16, "loss": "l1", "seed": 0},
-                 "rank": {"ranks": [2, 4]}, "loss": {"losses": ["l1", "cosine"]},
-                 "data_ratio": {"ratios": [0.1, 1.0], "seed": 0}, "online": {"checkpoints": [0.1, 0.5, 1.0], "seed": 0},
-                 "curve": {"eval_every": 20}, "tsne": {"methods": ["task_arithmetic"], "samples": 30, "perplexity": 10,
-                                                       "seed": 0}},
+                 "rank": {"ranks": [2, 4], "methods": ["task_arithmetic", "lw_adamerging"]},
+                 "loss": {"losses": ["l1", "cosine"], "methods": ["task_arithmetic"]},
+                 "data_ratio": {"ratios": [0.1, 1.0], "seed": 0, "methods": ["lw_adamerging"]},
+                 "online": {"checkpoints": [0.1, 0.5, 1.0], "seed": 0, "methods": ["lw_adamerging"]},
+                 "curve": {"eval_every": 20, "methods": ["weight_averaging", "ties_merging"]},
+                 "bias": {"methods": []},
+                 "tsne": {"methods": ["task_arithmetic"], "samples": 30, "perplexity": 10, "seed": 0}},
 }
+
+
+def analysed(name: str) -> list[str]:
+    """The merge entries analysis `name` runs on in the tiny world (params order; [] = all)."""
+    chosen = TINY["analyses"][name.replace("-", "_")].get("methods") or list(TINY["merge"])
+    return [m for m in TINY["merge"] if m in chosen]
 
 
 def env(**extra: str) -> dict:

@@ -10,9 +10,8 @@ import sys
 
 import pytest
 
-from tests.conftest import BIN, TINY, cli, copy_project, env
+from tests.conftest import BIN, TINY, analysed, cli, copy_project, env
 
-METHODS = list(TINY["merge"])
 TASKS = TINY["tasks"]
 BASELINES = ["pretrained", "individual", "mtl"]
 SETTINGS = {
@@ -36,14 +35,14 @@ def cell(rows, method, setting, column="avg") -> float:
 def test_sweep_tables_have_baselines_then_each_method_without_and_with_every_setting(world, name):
     rows = read(world, name)
     assert list(rows[0]) == ["method", "setting", *TASKS, "avg"]
-    expected = [(b, "") for b in BASELINES] + [(m, s) for m in METHODS for s in ["", *SETTINGS[name]]]
+    expected = [(b, "") for b in BASELINES] + [(m, s) for m in analysed(name) for s in ["", *SETTINGS[name]]]
     assert [(r["method"], r["setting"]) for r in rows] == expected
     md = (world / "results" / "analyses" / name / "table.md").read_text().splitlines()
     assert md[0] == "| method | Digits | Colors | Positions | Avg |" and len(md) == 2 + len(rows)
     assert "| Traditional MTL |" in "\n".join(md)
     with open(world / "results" / "analyses" / name / "plot.csv") as handle:
         plot = list(csv.DictReader(handle))
-    assert len(plot) == len(SETTINGS[name]) and set(METHODS) <= set(plot[0])
+    assert len(plot) == len(SETTINGS[name]) and list(plot[0])[1:] == analysed(name)
     for suffix in ("png", "svg"):
         assert (world / "results" / "analyses" / name / f"figure.{suffix}").stat().st_size > 1000
 
@@ -55,22 +54,23 @@ def test_sweeps_reproduce_the_pipelines_surgery_at_its_own_settings(world):
     metrics = json.loads((world / "results" / "metrics.json").read_text())
     rank, ratio, loss = read(world, "rank"), read(world, "data-ratio"), read(world, "loss")
     curve, steps = read(world, "curve"), TINY["analyses"]["surgery"]["steps"]
-    for method in METHODS:
-        for task in TASKS:
-            expected = metrics[method]["surgery_acc"][task]
-            assert cell(rank, method, f"r={TINY['analyses']['surgery']['rank']}", task) == pytest.approx(expected, abs=0.01)
-            assert cell(loss, method, "L1", task) == pytest.approx(expected, abs=0.01)
-            assert cell(ratio, method, "100%", task) == pytest.approx(expected, abs=0.01)
-            assert cell(curve, method, f"step {steps}", task) == pytest.approx(expected, abs=0.01)
-            assert cell(curve, method, "step 0", task) == pytest.approx(metrics[method]["acc"][task], abs=0.01)
-            assert cell(rank, method, "", task) == pytest.approx(metrics[method]["acc"][task], abs=0.01)
+    checks = [(rank, "rank", f"r={TINY['analyses']['surgery']['rank']}"), (loss, "loss", "L1"),
+              (ratio, "data-ratio", "100%"), (curve, "curve", f"step {steps}")]
+    for rows, name, setting in checks:
+        for method in analysed(name):
+            for task in TASKS:
+                assert cell(rows, method, setting, task) == pytest.approx(metrics[method]["surgery_acc"][task], abs=0.01)
+                without = (curve, "step 0") if name == "curve" else (rows, "")
+                assert cell(*without[:1], method, without[1], task) == pytest.approx(metrics[method]["acc"][task],
+                                                                                       abs=0.01)
 
 
 def test_curve_is_evaluated_every_n_steps(world):
     rows = read(world, "curve")
     every, steps = TINY["analyses"]["curve"]["eval_every"], TINY["analyses"]["surgery"]["steps"]
     expected = [f"step {s}" for s in range(0, steps + 1, every)]
-    assert [r["setting"] for r in rows if r["method"] == "ties_merging"] == expected
+    for method in analysed("curve"):
+        assert [r["setting"] for r in rows if r["method"] == method] == expected
 
 
 def test_baselines_match_the_evaluation_and_mtl_is_a_real_encoder(world):
@@ -86,8 +86,8 @@ def test_baselines_match_the_evaluation_and_mtl_is_a_real_encoder(world):
 def test_bias_table_is_eq1_without_and_with_surgery_per_task(world):
     metrics = json.loads((world / "results" / "metrics.json").read_text())
     rows = read(world, "bias")
-    assert [(r["method"], r["setting"]) for r in rows] == [(m, s) for m in METHODS for s in ("", "surgery")]
-    for method in METHODS:
+    assert [(r["method"], r["setting"]) for r in rows] == [(m, s) for m in analysed("bias") for s in ("", "surgery")]
+    for method in analysed("bias"):
         for task in TASKS:
             assert cell(rows, method, "", task) == pytest.approx(metrics[method]["bias"][task], abs=1e-4)
             assert cell(rows, method, "surgery", task) == pytest.approx(metrics[method]["surgery_bias"][task],
@@ -111,13 +111,14 @@ def test_dvc_plots_are_declared_and_render(world, tmp_path):
     shown = json.loads(done.stdout)
     assert not shown.get("errors"), shown.get("errors")
     titles = list(shown["data"])
-    for paper in ("Table 8", "Table 9", "Table 4", "Table 5", "Fig. 7", "Fig. 2"):
+    for paper, name in {"Table 8": "rank", "Table 9": "loss", "Table 4": "data-ratio", "Table 5": "online",
+                        "Fig. 7": "curve", "Fig. 2": "bias"}.items():
         plot = next(t for t in titles if paper in t)
         values = shown["data"][plot][0]["content"]["data"]["values"]
-        assert {v["field"] for v in values} >= set(METHODS), plot
+        assert {v["field"] for v in values} >= set(analysed(name)), plot
     from stages.plots import FIGURES
 
-    tsne = TINY["analyses"]["tsne"]["methods"] or METHODS
+    tsne = analysed("tsne")
     assert sorted(t for t in titles if t.endswith(".png")) == sorted(
         [f"results/analyses/{name}/figure.png" for name in FIGURES] + [f"results/analyses/tsne/{m}.png" for m in tsne])
 

@@ -28,6 +28,15 @@ def test_quick_bench_writes_every_figure(world, tmp_path):
     assert result["adamerging_memory_ratio"]["task_by_task_bytes"] < result["adamerging_memory_ratio"]["all_graphs_bytes"]
 
 
+def test_bench_merges_reports_time_and_memory_per_entry_and_task_count(world, tmp_path):
+    out = tmp_path / "bench-merges.json"
+    cli(world, "bench-merges", "concrete_task_arithmetic", "--tasks", "1", "--tasks", "2", "--steps", "1",
+        "--out", str(out), check=True)
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["key"], r["tasks"]) for r in runs] == [("concrete_task_arithmetic", 1), ("concrete_task_arithmetic", 2)]
+    assert all(r["wall_s"] > 0 and r["peak_mib"] >= 0 and r["schedule"] == {"steps": 1} for r in runs)
+
+
 def test_saved_tensor_meter_counts_live_activations_once_and_frees_them():
     x = torch.randn(1000, requires_grad=True)
     meter = SavedTensorMeter(persistent=[x])

@@ -89,8 +89,8 @@ def test_one_new_module_and_one_params_entry_each_give_a_method_every_result(wor
     for key in ("median", "entropy_scaled"):
         assert set(metrics[key]) == {"acc", "surgery_acc", "bias", "surgery_bias"}
         assert set(metrics[key]["surgery_acc"]) == {*TINY["tasks"], "avg"}
-        rows = (project / "results" / "analyses" / "rank" / "table.csv").read_text()
-        assert sum(line.startswith(f"{key},") for line in rows.splitlines()) == 1 + len(TINY["analyses"]["rank"]["ranks"])
+        rows = (project / "results" / "analyses" / "bias" / "table.csv").read_text()  # bias: every entry
+        assert sum(line.startswith(f"{key},") for line in rows.splitlines()) == 2
     table = (project / "results" / "accuracy.md").read_text()
     assert "| Median + surgery |" in table and "| Entropy-scaled TA |" in table
     info = json.loads((project / "models" / "merged" / "entropy_scaled.json").read_text())

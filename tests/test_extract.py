@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import open_store, open_writer
-from tests.conftest import BIN, TINY, cli, copy_project, env, params_with, run
+from tests.conftest import BIN, TINY, analysed, cli, copy_project, env, params_with, run
 
 TASKS, METHODS = TINY["tasks"], list(TINY["merge"])
 ENCODERS = ["pretrained", "individual", *(f"merged/{m}" for m in METHODS)]
@@ -73,6 +73,8 @@ def test_changing_one_merge_recomputes_only_that_methods_stores(world, tmp_path)
     assert (f"extract: {len(TASKS)} feature stores to compute (merged/ties_merging), "
             f"{N_STORES - len(TASKS)} up to date") in done.stdout
     assert "surgery weight_averaging: up to date" in done.stdout  # only the changed entry's adapters retrain
+    for name in ("rank", "loss", "data-ratio", "online", "curve", "bias", "tsne"):  # only analyses that run on it
+        assert (f"analysis {name}: up to date" in done.stdout) == ("ties_merging" not in analysed(name)), name
     after = {name: json.loads((p / "zarr.json").read_text())["attributes"] for name, p in stores(project).items()}
     assert set(after) == set(before)
     for name in before:

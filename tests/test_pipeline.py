@@ -17,13 +17,47 @@ METHODS = list(TINY["merge"])
 
 def test_repro_writes_metrics_for_every_method_and_task(world):
     metrics = json.loads((world / "results" / "metrics.json").read_text())
-    assert set(metrics) == {"pretrained", "individual", *METHODS}
+    assert list(metrics) == ["pretrained", "individual", "mtl", *METHODS]  # mtl: miniature world only
     for method in METHODS:
         assert set(metrics[method]) == {"acc", "surgery_acc", "bias", "surgery_bias"}
         for table in metrics[method].values():
             assert set(table) == {*TINY["tasks"], "avg"}
     assert 0 <= metrics["individual"]["acc"]["avg"] <= 100
-    assert "| Individual |" in (world / "results" / "accuracy.md").read_text()
+
+
+def test_accuracy_table_lists_baselines_then_every_entry_then_every_entry_with_surgery(world):
+    from pipeline.config import validate
+
+    labels = validate(TINY).labels()
+    rows = [line.split(" | ")[0].lstrip("| ") for line in
+            (world / "results" / "accuracy.md").read_text().splitlines()[2:]]
+    assert rows == ["Pretrained (zero-shot)", "Individual", "Traditional MTL", *(labels[m] for m in METHODS),
+                    *(f"{labels[m]} + surgery" for m in METHODS)]
+
+
+def test_every_method_records_what_it_learned_beside_its_checkpoint(world):
+    info = {m: json.loads((world / "models" / "merged" / f"{m}.json").read_text()) for m in METHODS}
+    for key, entry in info.items():
+        assert entry["key"] == key and entry["tasks"] == TINY["tasks"] and len(entry["fingerprint"]) == 16
+    assert set(info["fisher_merging"]["fisher"]) == set(TINY["tasks"])
+    assert all(f["norm"] > 0 and f["images"] == TINY["merge"]["fisher_merging"]["images"]
+               for f in info["fisher_merging"]["fisher"].values())
+    assert info["regmean"]["layers"] and info["regmean"]["split"] == {t: "train" for t in TINY["tasks"]}
+    for key in ("concrete_task_arithmetic", "concrete_adamerging"):
+        assert 0 <= info[key]["mask"]["kept"] <= 1
+    assert info["concrete_task_arithmetic"]["split"] == {t: "test" for t in TINY["tasks"]}
+    for key in ("concrete_adamerging", "tw_adamerging", "lw_adamerging", "tw_adamergingpp", "lw_adamergingpp"):
+        lambdas = torch.tensor(info[key]["lambdas"])
+        assert lambdas.shape[0] == len(TINY["tasks"]) and ((lambdas >= 0) & (lambdas <= 1)).all()
+    assert info["mtl_checkpoint"]["format"] and len(info["mtl_checkpoint"]["sha256"]) == 64
+
+
+def test_a_checkpoint_entry_gives_the_file_it_names_surgery_and_every_result(world):
+    """The default world puts surgery on the Traditional MTL encoder through the `checkpoint`
+    method: its accuracy without surgery is exactly that encoder's."""
+    metrics = json.loads((world / "results" / "metrics.json").read_text())
+    assert metrics["mtl_checkpoint"]["acc"] == metrics["mtl"]["acc"]
+    assert metrics["mtl_checkpoint"]["surgery_bias"]["avg"] < metrics["mtl_checkpoint"]["bias"]["avg"]
 
 
 def test_surgery_reduces_representation_bias(world):

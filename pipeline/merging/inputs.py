@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
+from pipeline import workspace
 from pipeline.errors import PipelineError
 from pipeline.merging.task_vectors import StateDict, task_vector
 
@@ -69,8 +70,9 @@ class MergeInputs:
         if split == "auto":
             return "train" if self.has_split(task, "train") else "test"
         if not self.has_split(task, split):
-            raise PipelineError(f"merge method {self.method!r}: task {self.tasks[task]!r} has no {split} split; "
-                                "set the entry's `split` to auto or test, or fetch/import that split")
+            raise PipelineError(f"merge method {self.method!r}: task {self.tasks[task]!r} has no {split} split "
+                                f"in {workspace.DATA / self.tasks[task]} (a real source imports test splits only); "
+                                "set the entry's `split` to auto or test")
         return split
 
     def dataset(self, task: int, split: str = "test"):
@@ -98,7 +100,6 @@ class MergeInputs:
 
 def load_inputs(method, tasks: list[str], *, device: torch.device, progress: Callable) -> MergeInputs:
     """Read the workspace's pretrained and fine-tuned encoders, and whatever else `method` needs."""
-    from pipeline import workspace
     from pipeline.data.datasets import ImageDataset, has_split
     from pipeline.models import clip
     from pipeline.models.checkpoints import load_heads, load_state

@@ -10,7 +10,7 @@ sweep; only the bias analysis (Fig. 2/5) reads the pipeline's results (metrics.j
 train comes from pipeline/surgery/sweeps.py; this module turns it into tables and figures."""
 from __future__ import annotations
 
-import functools
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -40,7 +40,8 @@ class Context:
                  progress: Callable = lambda it=None, **kw: it):
         self.params, self.device, self.progress = params, device, progress
         self.names = params.tasks
-        self.methods = params.methods
+        self.methods = params.methods   # narrowed to an analysis' own list by `scoped`
+        self._features: dict[str, list[torch.Tensor]] = {}  # shared by the scoped copies
         self.labels_of = {**tables.BASELINES, **params.labels()}
         heads = load_heads(workspace.HEADS, self.names)
         self.heads = [heads[t] for t in self.names]
@@ -51,16 +52,23 @@ class Context:
     def cfg(self, name: str):
         return getattr(self.params.analyses, name.replace("-", "_"))
 
+    def scoped(self, name: str) -> "Context":
+        """This context with `methods` = the entries analysis `name` runs on (params
+        `analyses.<name>.methods`); features loaded by either are shared."""
+        scoped = copy.copy(self)
+        scoped.methods = self.params.analyses.methods(name, self.params.methods)
+        return scoped
+
     def surgery(self, *, without: str | None = None) -> dict:
         """The analyses' surgery settings (`analyses.surgery`, minus the swept one) for training."""
         cfg = self.params.analyses.surgery.model_dump()
         return {**{k: cfg[k] for k in SURGERY_KEYS if k != without}, "device": self.device}
 
-    @functools.lru_cache(maxsize=None)
     def features(self, encoder: str) -> list[torch.Tensor]:
         """Features of `individual`, `pretrained`, `mtl`, or a merge entry (by its key)."""
-        name = encoder if encoder in ("individual", "pretrained", "mtl") else workspace.merged_encoder(encoder)
-        return read_features(name, self.names)
+        if encoder not in self._features:
+            self._features[encoder] = read_features(encoder_name(encoder), self.names)
+        return self._features[encoder]
 
     def label(self, method: str) -> str:
         return tables.label(method, self.labels_of)
@@ -74,6 +82,11 @@ class Context:
 
     def accuracy(self, feats: list[torch.Tensor]) -> list[float]:
         return [metrics.accuracy(z, h, y) for z, h, y in zip(feats, self.heads, self.labels)]
+
+
+def encoder_name(encoder: str) -> str:
+    """The feature-store name of a baseline or a merge entry."""
+    return encoder if encoder in tables.BASELINES else workspace.merged_encoder(encoder)
 
 
 def _write(ctx: Context, name: str, rows: list[dict], plot: list[dict] | None = None, digits: int = 1) -> Path:
@@ -246,7 +259,7 @@ def run_tsne(ctx: Context) -> Path:
     """Fig. 1/4: t-SNE of individual (blue) vs. merged (red) features per task, without and
     with surgery trained at the analyses' settings."""
     cfg = ctx.cfg("tsne")
-    chosen = list(cfg.methods or ctx.methods)
+    chosen = ctx.methods
     adapters = dict(zip(chosen, sweeps.trained([ctx.taskset(m) for m in chosen], ctx.surgery())))
     out = OUT / "tsne"
     out.mkdir(parents=True, exist_ok=True)
@@ -289,14 +302,18 @@ FILES_READ = {"rank": ["baselines"], "loss": ["baselines"], "data-ratio": ["base
 
 
 def identity(name: str, ctx: Context) -> str:
-    """A digest of everything analysis `name` depends on: its settings, the surgery settings it
-    trains with, the merge entries and their labels, every feature store, the heads, the
-    labels, the files it reads (baselines, metrics) and the code."""
-    stores = sorted(str(p) + "=" + json.loads((p / "zarr.json").read_text())["attributes"].get("sha256", "")
-                    for p in workspace.FEATURES.glob("**/*.zarr") if (p / "zarr.json").exists())
+    """A digest of everything analysis `name` (on `ctx.scoped(name)`) depends on: its settings,
+    the surgery settings it trains with, its merge entries and their labels, the feature stores
+    it reads, the heads, the labels, the files it reads (baselines, metrics) and the code: an
+    entry it does not run on can change without recomputing it."""
+    encoders = ({"baselines": list(tables.BASELINES), "bias": []}.get(name) or
+                ["individual", *ctx.methods])
+    stores = sorted(f"{p}={json.loads((p / 'zarr.json').read_text())['attributes'].get('sha256', '')}"
+                    for encoder in encoders for p in (workspace.FEATURES / encoder_name(encoder)).glob("*.zarr")
+                    if (p / "zarr.json").exists())
     files = {"baselines": [OUT / "baselines" / "baselines.json"], "metrics": [workspace.METRICS]}
     read = [p for kind in FILES_READ.get(name, []) for p in files[kind]]
-    parts = {"name": name, "tasks": ctx.names, "labels": ctx.labels_of, "stores": stores,
+    parts = {"name": name, "tasks": ctx.names, "methods": {m: ctx.label(m) for m in ctx.methods}, "stores": stores,
              "settings": getattr(ctx.params.analyses, name.replace("-", "_"), None),
              "surgery": {k: getattr(ctx.params.analyses.surgery, k) for k in SURGERY_READ.get(name, [])},
              "world": ctx.params.is_world, "code": workspace.code_digest(),
@@ -310,9 +327,10 @@ def run(name: str, ctx: Context, force: bool = False) -> tuple[Path, bool]:
     (then it is kept as it is). Returns the folder and whether it was computed."""
     if name not in RUNNERS:
         raise PipelineError(f"unknown analysis {name!r}: choose one of {', '.join(ANALYSES)} or all")
+    ctx = ctx.scoped(name)
     digest, record = identity(name, ctx), OUT / name / "inputs.json"
     if not force and record.exists() and json.loads(record.read_text()).get("digest") == digest:
         return OUT / name, False
     out = RUNNERS[name](ctx)
-    workspace.write_json(record, {"digest": digest})
+    workspace.write_json(record, {"digest": digest, "methods": ctx.methods})
     return out, True

@@ -1,7 +1,9 @@
 """Params presets: the miniature world (the default params.yaml) and the paper's setting.
 
 The paper presets are derived from the world preset, so every section a stage reads is
-present; only tasks, `source` and the paper's AdaMerging schedule differ.
+present; only tasks, `source` and the merge entries differ: every learned schedule is the
+method's registered default (the recipe's, where the world runs 100 steps), and entries that
+read a file of the miniature world (the Traditional MTL checkpoint) are left out.
 """
 from __future__ import annotations
 
@@ -10,9 +12,13 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.data.catalog import PAPER_TASKS
 from cache.files import write_text
+from pipeline import workspace
+from pipeline.data.catalog import PAPER_TASKS
 from pipeline.errors import PipelineError
+from pipeline.merging import registry
+
+SCHEDULES = ("steps", "mask_steps")  # the params the world shortens
 
 # preset -> (open_clip architecture, name in tanganke/clip-vit-*_<task> model ids)
 PAPER_MODELS = {
@@ -28,6 +34,9 @@ PAPER_HEADER = """\
 # 1. `repsurgery fetch` downloads everything named in `source` into `source.cache` (online, once).
 # 2. `dvc repro` then runs offline. Entries of `source.finetuned` / `source.datasets` may also be
 #    local paths (checkpoint files or model folders; parquet shards or one folder per class).
+# Data-using merges (Fisher, RegMean, Concrete, AdaMerging++) read the test splits (`split: auto`
+# finds no train split here): the transductive setting of the AdaMerging and Concrete papers.
+# Surgery on a merged encoder made elsewhere: add `mine: {{method: checkpoint, path: FILE}}` to `merge`.
 # The sections world, model, pretrain and finetune are unused with a real source (dvc.yaml names them).
 """
 
@@ -46,10 +55,15 @@ def paper_params(name: str) -> dict:
         "finetuned": {t: f"hf://tanganke/{model_name}_{hub_task}" for t, (_, hub_task, _) in PAPER_TASKS.items()},
         "datasets": {t: f"hf://{repo}" for t, (repo, _, _) in PAPER_TASKS.items()},
     }
-    for entry in params["merge"].values():
-        if entry.get("method") == "adamerging":
-            entry["steps"] = 500  # the paper's schedule (the miniature world runs 100)
+    params["merge"] = {key: paper_entry(key, entry) for key, entry in params["merge"].items()
+                       if not str(entry.get("path", "")).startswith(str(workspace.MTL))}
     return params
+
+
+def paper_entry(key: str, entry: dict) -> dict:
+    """A world merge entry with the recipe's schedules: its method's registered defaults."""
+    fields = registry.get(entry.get("method", key)).params.model_fields
+    return {name: fields[name].default if name in SCHEDULES else value for name, value in entry.items()}
 
 
 def preset_text(name: str) -> str:
