@@ -140,10 +140,11 @@ class Analyses(Section):
     tsne: Tsne
 
     def methods(self, name: str, entries: list[str]) -> list[str]:
-        """The merge entries analysis `name` runs on, in params order."""
-        chosen = getattr(self, name.replace("-", "_"), None)
-        wanted = getattr(chosen, "methods", None) or entries
-        return [key for key in entries if key in wanted]
+        """The merge entries analysis `name` runs on, in params order (none for the baselines)."""
+        section = getattr(self, name.replace("-", "_"), None)
+        if not isinstance(section, PerMethod):
+            return []
+        return [key for key in entries if key in (section.methods or entries)]
 
 
 class PretrainedSource(Section):

@@ -1,6 +1,7 @@
 """A tiny miniature world, built once per test session by the real `dvc repro`."""
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -48,6 +49,18 @@ TINY = {
                  "bias": {"methods": []},
                  "tsne": {"methods": ["task_arithmetic"], "samples": 30, "perplexity": 10, "seed": 0}},
 }
+
+
+def with_merges(params: dict, keys: list[str]) -> dict:
+    """`params` with only the merge entries `keys`, each analysis on those of them it ran on (or
+    on all of them): for tests about something other than the methods, as every merge stage
+    costs a process start."""
+    params = copy.deepcopy(params)
+    params["merge"] = {key: params["merge"][key] for key in keys}
+    for section in params["analyses"].values():
+        if section.get("methods"):
+            section["methods"] = [key for key in section["methods"] if key in keys] or list(keys)
+    return params
 
 
 def analysed(name: str) -> list[str]:

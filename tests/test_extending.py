@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import BIN, ROOT, TINY, cli, copy_project, run
+from tests.conftest import BIN, ROOT, TINY, cli, copy_project, run, with_merges
 
 TRAINING_FREE = '''
 """Median merging: theta_0 + scaling * the element-wise median of the task vectors."""
@@ -78,7 +78,8 @@ def test_one_new_module_and_one_params_entry_each_give_a_method_every_result(wor
     methods = project / "pipeline" / "merging" / "methods"
     (methods / "median.py").write_text(textwrap.dedent(TRAINING_FREE))
     (methods / "entropy_scaled.py").write_text(textwrap.dedent(DATA_USING))
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    # The methods' code changed, so DVC reruns every merge entry: keep one besides the new two.
+    params = with_merges(yaml.safe_load((project / "params.yaml").read_text()), ["task_arithmetic"])
     params["merge"]["median"] = {"scaling": 0.5}
     params["merge"]["entropy_scaled"] = {"points": 2}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

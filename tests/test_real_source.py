@@ -3,7 +3,6 @@ every supported format goes through `dvc repro` with a `source` mapping, exactly
 real ones would after `repsurgery fetch`."""
 from __future__ import annotations
 
-import copy
 import io
 import json
 import subprocess
@@ -19,7 +18,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import BIN, TINY, cli, env, make_project, run
+from conftest import BIN, TINY, cli, env, make_project, run, with_merges
 from pipeline.data.catalog import classnames_and_templates
 from pipeline.data.importing import IMAGE_TYPE
 from test_convert import task_arithmetic_pickle
@@ -90,7 +89,9 @@ def real_like(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def project(real_like, tmp_path_factory):
-    params = copy.deepcopy(TINY)
+    # Two merges are enough here (the methods have their own tests); no Traditional MTL checkpoint,
+    # as that encoder is trained in the miniature world only.
+    params = with_merges(TINY, ["weight_averaging", "lw_adamerging"])
     params["tasks"] = ["mnist", "svhn", "eurosat"]
     params["source"] = real_like["source"]
     params["extract"]["batch_size"] = 16

@@ -296,6 +296,8 @@ RUNNERS = {"baselines": run_baselines, "rank": run_rank, "loss": run_loss, "data
 SURGERY_READ = {"rank": [k for k in SURGERY_KEYS if k != "rank"], "loss": [k for k in SURGERY_KEYS if k != "loss"],
                 "data-ratio": list(SURGERY_KEYS), "curve": list(SURGERY_KEYS), "online": ["rank", "lr", "loss"],
                 "tsne": list(SURGERY_KEYS)}
+# The feature stores of analyses that read others than the individual and their entries' ones.
+STORES_READ = {"baselines": list(tables.BASELINES), "bias": []}
 # Files whose content an analysis reads besides the feature stores, heads and labels.
 FILES_READ = {"rank": ["baselines"], "loss": ["baselines"], "data-ratio": ["baselines"], "online": ["baselines"],
               "curve": ["baselines"], "bias": ["metrics"]}
@@ -306,8 +308,7 @@ def identity(name: str, ctx: Context) -> str:
     the surgery settings it trains with, its merge entries and their labels, the feature stores
     it reads, the heads, the labels, the files it reads (baselines, metrics) and the code: an
     entry it does not run on can change without recomputing it."""
-    encoders = ({"baselines": list(tables.BASELINES), "bias": []}.get(name) or
-                ["individual", *ctx.methods])
+    encoders = STORES_READ.get(name, ["individual", *ctx.methods])
     stores = sorted(f"{p}={json.loads((p / 'zarr.json').read_text())['attributes'].get('sha256', '')}"
                     for encoder in encoders for p in (workspace.FEATURES / encoder_name(encoder)).glob("*.zarr")
                     if (p / "zarr.json").exists())
