@@ -2,8 +2,10 @@
 output under the final name, and hashing files without reading them whole."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,12 +17,31 @@ def temporary_sibling(path: Path, suffix: str = ".tmp") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}{suffix}")
 
 
+# Errors of the storage itself (not of the data being written): reported as a WriteError.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO}
+
+
+class WriteError(Exception):
+    """An output could not be written (full disk, quota, permissions): the message names the
+    file and the fix; the file's previous content is intact."""
+
+
+def storage_errno(exc: BaseException) -> int | None:
+    """The storage errno behind `exc`: an OSError's, or the "(os error N)" that Rust libraries
+    (safetensors) put in their own exception's message."""
+    code = getattr(exc, "errno", None)
+    if code is None:
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        code = int(found.group(1)) if found else None
+    return code if code in STORAGE_ERRNOS else None
+
+
 @contextmanager
 def atomic_path(path) -> Iterator[Path]:
     """Yield a temporary name to write to; it replaces `path` only if the block completes.
 
-    On any error (including a full disk) the temporary file is removed and `path` keeps its
-    previous content.
+    On any error the temporary file is removed and `path` keeps its previous content; a full
+    disk or another storage error becomes a WriteError naming `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +49,12 @@ def atomic_path(path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as exc:
+        code = storage_errno(exc)
+        if code is None:
+            raise
+        raise WriteError(f"could not write {path}: {os.strerror(code)}; its previous content is unchanged. "
+                         f"Free disk space (or fix the permissions), then run the command again") from exc
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

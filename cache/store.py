@@ -10,12 +10,16 @@ import hashlib
 import json
 import os
 import shutil
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+
+from cache.files import storage_errno
 
 CODE_VERSION = "1"
 DTYPES = ("float32", "float16")
@@ -123,7 +127,15 @@ def _write_rows(array, path: Path, start: int, block: np.ndarray) -> int:
     if start % chunk_rows or stop > n_rows or (stop % chunk_rows and stop != n_rows):
         raise ValueError(f"{path}: block of rows [{start}, {stop}) is not on chunk boundaries "
                          f"(chunk rows {chunk_rows}, total {n_rows})")
-    array[start:stop] = block.astype(array.dtype, copy=False)
+    try:
+        array[start:stop] = block.astype(array.dtype, copy=False)
+    except Exception as exc:
+        code = storage_errno(exc)
+        if code is None:
+            raise
+        raise StoreError(f"could not write rows [{start}, {stop}) of feature store {path}: {os.strerror(code)}. "
+                         "The rows written before are kept: free disk space, then run the command again "
+                         "to resume") from exc
     return stop
 
 
@@ -204,13 +216,39 @@ class FeatureStore:
         return f"FeatureStore({str(self.path)!r}, shape=({self.n_rows}, {self.dim}), dtype={self.dtype})"
 
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return np.asarray(self.array[start:stop], dtype=np.float32)
+        with decoding(self):
+            return np.asarray(self.array[start:stop], dtype=np.float32)
 
     def to_numpy(self) -> np.ndarray:
         return self.read()
 
     def to_dask(self) -> da.Array:
         return da.from_zarr(self.array)
+
+
+@contextmanager
+def decoding(*stores):
+    """Reading chunks: bytes that no longer decode (a damaged chunk file) become a StoreError
+    naming the store(s) and the fix, instead of the codec's own exception."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as exc:
+        if not _raised_by_codec(exc):
+            raise
+        names = [str(s.path) for s in stores if isinstance(s, FeatureStore)]
+        where = ("a feature store" if not names else f"feature store {' or '.join(names)}"
+                 + ("" if len(names) == len(stores) else " (or the one compared with it)"))
+        raise StoreError(f"{where} is damaged: a chunk does not decode ({type(exc).__name__}: {exc}). "
+                         "Delete the store and run `repsurgery extract` to recompute it (DVC keeps stores it "
+                         "takes as current; `dvc repro` will not notice)") from exc
+
+
+def _raised_by_codec(exc: BaseException) -> bool:
+    """Whether zarr or its codecs raised `exc` (and not, say, a function mapped over the blocks)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and any(part in frames[-1].filename for part in ("/zarr/", "numcodecs"))
 
 
 def open_store(path, *, expect: dict | None = None, fix_hint: str = "", deep: bool = False) -> FeatureStore:
@@ -286,4 +324,5 @@ def mean_abs_diff(a, b) -> float:
     a, b = _as_dask(a, like), _as_dask(b, like)
     if a.shape != b.shape:
         raise ValueError(f"cannot compare features of shape {a.shape} and {b.shape}")
-    return float(abs(a.astype(np.float64) - b.astype(np.float64)).mean().compute())
+    with decoding(*lazy):
+        return float(abs(a.astype(np.float64) - b.astype(np.float64)).mean().compute())

@@ -29,7 +29,8 @@ FEATURES = Path("features")
 LABELS = FEATURES / "labels"
 TSNE_CACHE = FEATURES / "tsne"  # t-SNE embeddings by input digest (analysis-tsne)
 RESULTS = Path("results")
-METRICS = RESULTS / "metrics.json"
+METRICS = RESULTS / "metrics.json"  # every figure, per task
+SUMMARY = RESULTS / "summary.json"  # the averages: what `dvc metrics` and `dvc exp show` show
 ACCURACY_TABLE = RESULTS / "accuracy.md"
 ANALYSES = RESULTS / "analyses"
 REFERENCE_ENCODERS = ("pretrained", "individual")
@@ -54,6 +55,18 @@ def merged_checkpoint(key: str) -> Path:
 def merged_info(key: str) -> Path:
     """What the merge computed or learned (coefficients, masks, norms), beside its checkpoint."""
     return MERGED / f"{key}.json"
+
+
+def rebuild_hint(path: Path | str) -> str:
+    """How to write `path` again, for error messages about a damaged or foreign file."""
+    path = Path(path)
+    commands = {PRETRAINED: "repsurgery prepare-pretrained", FINETUNED: "repsurgery prepare-finetuned",
+                MERGED: f"repsurgery merge {path.stem}", SURGERY: "repsurgery surgery", MTL: "repsurgery mtl",
+                HEADS.parent: "repsurgery heads"}
+    command = next((c for folder, c in commands.items() if path.parent.resolve() == folder.resolve()), None)
+    if command is None:
+        return "Write it again with the stage that made it, or convert it with `repsurgery convert`."
+    return f"Delete it and run `{command}` to write it again."
 
 
 def surgery_checkpoint(key: str) -> Path:

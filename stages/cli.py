@@ -1,11 +1,14 @@
 """`repsurgery`: one command per pipeline stage (dvc.yaml calls exactly these)."""
 from __future__ import annotations
 
+import os
 import sys
 from functools import wraps
 from pathlib import Path
 
 import typer
+
+from stages.listing import LISTINGS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Representation Surgery for merged CLIP image encoders: run any pipeline stage.")
@@ -15,23 +18,47 @@ DeviceOpt = typer.Option(None, "--device", help="auto (default: CUDA if present)
                                               "or set REPSURGERY_DEVICE")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"repsurgery {version('repsurgery')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the installed version and exit.")):
+    """Representation Surgery for merged CLIP image encoders: run any pipeline stage."""
+
+
 def _stage(fn):
     """Turn known user errors into one clear line on stderr and exit code 1."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        from cache.store import StoreError
-        from pipeline.errors import PipelineError
-        from stages.common import set_threads
-
-        set_threads()
+        # torch's thread count (one per core), read when torch loads: commands that need no torch
+        # (list, preset, plots) do not pay for importing it.
+        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         try:
             return fn(*args, **kwargs)
-        except (PipelineError, StoreError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, _user_errors()):
+                raise
             typer.secho(f"error: {_original_message(exc)}", fg=typer.colors.RED, err=True)
             sys.exit(1)
 
     return wrapper
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """PipelineError, WriteError, and StoreError once the store module is loaded (only then can
+    one be raised)."""
+    from cache.files import WriteError
+    from pipeline.errors import PipelineError
+
+    store = sys.modules.get("cache.store")
+    return (PipelineError, WriteError, store.StoreError) if store else (PipelineError, WriteError)
 
 
 def _original_message(exc: Exception) -> str:
@@ -124,7 +151,7 @@ def preset(name: str = typer.Argument(..., help="world | paper-vit-b-32 | paper-
 
 @app.command()
 @_stage
-def merge(key: str = typer.Argument(..., help="an entry of params `merge` (see `repsurgery methods`)"),
+def merge(key: str = typer.Argument(..., help="an entry of params `merge` (see `repsurgery list methods`)"),
           params: Path = ParamsOpt, device: str = DeviceOpt):
     """Run one merge entry (training-free, or learned like AdaMerging) -> models/merged/KEY.safetensors + .json"""
     from stages.merge import merge as run
@@ -132,18 +159,19 @@ def merge(key: str = typer.Argument(..., help="an entry of params `merge` (see `
     run(key, *_ctx(params, device))
 
 
-@app.command()
+@app.command("list")
 @_stage
-def methods():
-    """List the registered merge methods: name, label, what they need and their params."""
-    from pipeline.merging import registry
+def list_(what: str = typer.Argument("all", help=f"{' | '.join(LISTINGS)} | all"), params: Path = ParamsOpt):
+    """What there is to choose from: registered merge methods, the surgery adapter and its losses,
+    the tasks, and the effective params (every default filled in, as the stages read them)."""
+    if what != "all" and what not in LISTINGS:
+        from pipeline.errors import PipelineError
 
-    for name, method in registry.available().items():
-        fields = ", ".join(f"{k}={'<required>' if f.is_required() else f.default!r}"
-                           for k, f in method.params.model_fields.items())
-        needs = f" [needs {', '.join(sorted(method.needs))}]" if method.needs else ""
-        typer.echo(f"{name}: {method.label if isinstance(method.label, str) else method.function.__doc__ or ''}"
-                   f"{needs} ({fields or 'no params'}) from {method.module}")
+        raise PipelineError(f"nothing to list as {what!r}: choose one of {', '.join(LISTINGS)}, all")
+    for name in LISTINGS if what == "all" else [what]:
+        if what == "all":
+            typer.secho(f"# {name}", bold=True)
+        typer.echo(LISTINGS[name](params))
 
 
 @app.command()
@@ -163,9 +191,13 @@ def extract(encoders: list[str] = typer.Argument(None, help="pretrained, individ
 
 @app.command()
 @_stage
-def surgery(keys: list[str] = typer.Argument(None, help="merge entries (default: every entry of params `merge`)"),
+def surgery(keys: list[str] = typer.Argument(None, help="entries of params `merge` (default: all of them; "
+                                              "`repsurgery list params` shows them)"),
             params: Path = ParamsOpt, device: str = DeviceOpt):
-    """Train the per-task surgery adapters on cached features -> models/surgery/KEY.* (up-to-date ones kept)"""
+    """Train the per-task surgery adapters on cached features -> models/surgery/KEY.* (up-to-date ones kept).
+
+    Settings: params `surgery` (rank, lr, steps, batch_size, loss, seed); the adapter and the
+    losses to choose from: `repsurgery list adapters`."""
     from stages.surgery import run_surgery
 
     run_surgery(*_ctx(params, device), keys or None)

@@ -1,4 +1,4 @@
-"""What every stage shares: progress bars on the terminal and the torch thread count."""
+"""What every stage shares: progress bars on the terminal."""
 from __future__ import annotations
 
 import os
@@ -11,9 +11,3 @@ def progress(iterable=None, **kwargs):
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("mininterval", 0.5)
     return tqdm(iterable, disable=bool(os.environ.get("REPSURGERY_QUIET")), **kwargs)
-
-
-def set_threads() -> None:
-    import torch
-
-    torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -1,6 +1,7 @@
 """Stage `evaluate`: accuracy with and without surgery, and representation bias (Eq. 1), from
-cached features only -> results/metrics.json and results/accuracy.md (with the baselines:
-zero-shot, individual and, in the miniature world, Traditional MTL)."""
+cached features only -> results/metrics.json, its averages in results/summary.json, and
+results/accuracy.md (with the baselines: zero-shot, individual and, in the miniature world,
+Traditional MTL)."""
 from __future__ import annotations
 
 import torch
@@ -46,10 +47,12 @@ def evaluate(params: Params) -> dict:
             out["surgery_bias"][task] = metrics.bias(metrics.adapted(store, surgery, i), individual[task])
         results[key] = {k: _with_avg(v) for k, v in out.items()}
     workspace.write_json(workspace.METRICS, results)
+    workspace.write_json(workspace.SUMMARY, metrics.summary(results))
     table = accuracy_table(results, names, params.labels())
     write_text(workspace.ACCURACY_TABLE, table)
     print(table)
-    print(f"metrics written to {workspace.METRICS} and {workspace.ACCURACY_TABLE}")
+    print(f"metrics written to {workspace.METRICS} (per task), {workspace.SUMMARY} (averages) and "
+          f"{workspace.ACCURACY_TABLE}")
     return results
 
 

@@ -96,7 +96,7 @@ def test_one_new_module_and_one_params_entry_each_give_a_method_every_result(wor
     assert "| Median + surgery |" in table and "| Entropy-scaled TA |" in table
     info = json.loads((project / "models" / "merged" / "entropy_scaled.json").read_text())
     assert info["scaling"] in (0.1, 0.5) and info["params"]["points"] == 2
-    listed = cli(project, "methods", check=True, extra_env=extra_env).stdout
+    listed = cli(project, "list", "methods", check=True, extra_env=extra_env).stdout
     assert "median: Median" in listed and "entropy_scaled: Entropy-scaled TA [needs device, heads, images]" in listed
 
 
@@ -117,7 +117,7 @@ def test_a_third_party_package_registers_a_method_through_the_entry_point_group(
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mergeplugin\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[repsurgery.merge_methods]\nplugin_sum = mergeplugin\n")
     extra_env = {"PYTHONPATH": str(site)}
-    assert "plugin_sum: Plugin sum" in cli(world, "methods", check=True, extra_env=extra_env).stdout
+    assert "plugin_sum: Plugin sum" in cli(world, "list", "methods", check=True, extra_env=extra_env).stdout
 
     project = copy_project(world, tmp_path / "copy")
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -127,5 +127,5 @@ def test_a_third_party_package_registers_a_method_through_the_entry_point_group(
     assert "mine (Plugin sum)" in done.stdout and (project / "models" / "merged" / "mine.safetensors").exists()
 
     (dist / "entry_points.txt").write_text("[repsurgery.merge_methods]\nbroken = mergeplugin_missing\n")
-    done = cli(project, "methods", extra_env=extra_env)
+    done = cli(project, "list", "methods", extra_env=extra_env)
     assert done.returncode == 1 and "plugin 'broken'" in done.stderr and "Traceback" not in done.stderr

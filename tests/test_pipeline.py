@@ -5,12 +5,13 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 import yaml
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, TINY, cli, copy_project, params_with, run
+from tests.conftest import BIN, TINY, cli, copy_project, env, params_with, run
 
 METHODS = list(TINY["merge"])
 
@@ -23,6 +24,9 @@ def test_repro_writes_metrics_for_every_method_and_task(world):
         for table in metrics[method].values():
             assert set(table) == {*TINY["tasks"], "avg"}
     assert 0 <= metrics["individual"]["acc"]["avg"] <= 100
+    summary = json.loads((world / "results" / "summary.json").read_text())  # what `dvc metrics` shows
+    assert summary == {key: {name: values["avg"] for name, values in figures.items()}
+                       for key, figures in metrics.items()}
 
 
 def test_accuracy_table_lists_baselines_then_every_entry_then_every_entry_with_surgery(world):
@@ -96,8 +100,15 @@ def test_rank_experiment_reruns_only_surgery_and_evaluation(world, tmp_path):
     assert "analysis bias: " in done.stdout and "analysis bias: up to date" not in done.stdout
     for name in ("baselines", "rank", "loss", "data-ratio", "online", "curve", "tsne"):
         assert f"analysis {name}: up to date" in done.stdout, name
-    diff = run([str(BIN / "dvc"), "metrics", "diff", "--json"], project)
-    assert "surgery_acc" in diff.stdout
+    # `dvc metrics diff` leads with the averages (one row per entry and figure); per task on request
+    diff = json.loads(run([str(BIN / "dvc"), "metrics", "diff", "--json"], project).stdout)
+    assert list(diff) == ["results/summary.json"]
+    changed = {name for name, change in diff["results/summary.json"].items() if change.get("diff")}
+    assert {f"{key}.surgery_bias" for key in METHODS} <= changed
+    assert all(name.rsplit(".", 1)[0] in METHODS for name in changed)
+    per_task = json.loads(run([str(BIN / "dvc"), "metrics", "diff", "--json", "--targets", "results/metrics.json"],
+                              project).stdout)["results/metrics.json"]
+    assert f"weight_averaging.surgery_acc.{TINY['tasks'][0]}" in per_task
     run([str(BIN / "dvc"), "exp", "apply", "--help"], project)  # dvc exp tooling is usable
 
 
@@ -154,6 +165,89 @@ def test_store_of_another_encoder_is_refused(world, tmp_path):
     assert "encoder_fingerprint" in done.stderr and "repsurgery extract ties_merging" in done.stderr
     surgery_before = (world / "models" / "surgery" / "ties_merging.safetensors").read_bytes()
     assert (project / "models" / "surgery" / "ties_merging.safetensors").read_bytes() == surgery_before
+
+
+def test_features_of_replaced_test_images_are_refused(world, tmp_path):
+    """A test shard replaced after extraction: every stage reading the old stores stops, with the fix."""
+    project = copy_project(world, tmp_path / "copy")
+    task = TINY["tasks"][0]
+    shard = sorted((project / "data" / task / "data").glob("test-*.parquet"))[0]
+    table = pq.read_table(shard)
+    pq.write_table(table.take(list(range(table.num_rows))[::-1]), shard)  # same images, another order
+    metrics_before = (project / "results" / "metrics.json").read_bytes()
+    for stage in ("evaluate", "surgery", "analyze"):
+        done = cli(project, *([stage, "rank"] if stage == "analyze" else [stage]))
+        assert done.returncode == 1, (stage, done.stdout)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"task {task!r}" in done.stderr or "dataset_fingerprint" in done.stderr, done.stderr
+        assert "extract" in done.stderr, done.stderr
+    assert (project / "results" / "metrics.json").read_bytes() == metrics_before
+
+
+def _truncated(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garbage(path):
+    path.write_bytes(b"not a checkpoint" * 10)
+
+
+def _without_metadata(path):
+    from safetensors.torch import save_file
+
+    save_file(load_file(str(path)), str(path))
+
+
+@pytest.mark.parametrize("damage, file, command, expected", [
+    (_truncated, "models/merged/task_arithmetic.safetensors", ["surgery", "task_arithmetic"],
+     "Delete it and run `repsurgery merge task_arithmetic`"),
+    (_without_metadata, "models/merged/task_arithmetic.safetensors", ["surgery", "task_arithmetic"],
+     "lacks this project's metadata (fingerprint)"),
+    (_garbage, "models/surgery/weight_averaging.safetensors", ["evaluate"], "Run `repsurgery surgery weight_averaging`"),
+    (_garbage, "models/heads.safetensors", ["evaluate"], "Run `repsurgery heads`"),
+    (_garbage, "models/pretrained/clip.safetensors", ["evaluate"], "run `repsurgery prepare-pretrained`"),
+])
+def test_a_damaged_checkpoint_is_one_line_naming_it_and_the_command_that_rewrites_it(world, tmp_path, damage, file,
+                                                                                    command, expected):
+    project = copy_project(world, tmp_path / "copy")
+    damage(project / file)
+    metrics_before = (project / "results" / "metrics.json").read_bytes()
+    done = cli(project, *command)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert file in line and expected in line, line
+    assert (project / "results" / "metrics.json").read_bytes() == metrics_before
+
+
+def test_a_full_disk_during_a_stage_is_one_line_and_keeps_the_previous_output(world, tmp_path):
+    """A file-size limit stands in for a full disk: the merge stage stops with one line naming
+    the checkpoint, and the checkpoint of the previous run is untouched."""
+    import resource
+    import subprocess
+
+    project = copy_project(world, tmp_path / "copy")
+    params_with(project, project / "params.yaml", merge__task_arithmetic__scaling=0.5)
+    target = project / "models" / "merged" / "task_arithmetic.safetensors"
+    before = target.read_bytes()
+    done = subprocess.run([str(BIN / "repsurgery"), "merge", "task_arithmetic"], cwd=project, env=env(),
+                          capture_output=True, text=True,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY)))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: could not write {target.relative_to(project)}: File too large; its previous content is unchanged. "
+        "Free disk space (or fix the permissions), then run the command again"]
+    assert target.read_bytes() == before and not list(target.parent.glob(".*.tmp"))
+
+
+def test_an_empty_test_shard_is_refused_by_name(world, tmp_path):
+    project = copy_project(world, tmp_path / "copy")
+    task = TINY["tasks"][-1]
+    shards = project / "data" / task / "data"
+    table = pq.read_table(sorted(shards.glob("test-*.parquet"))[0])
+    pq.write_table(table.slice(0, 0), shards / "test-99999.parquet")
+    done = cli(project, "evaluate")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"task {task!r}: test shard(s) test-99999.parquet" in done.stderr and "hold no images" in done.stderr
 
 
 def test_adamerging_coefficients_are_clamped_and_recorded(world):

@@ -20,7 +20,7 @@ from pipeline.data import hub
 from pipeline.errors import PipelineError
 from pipeline.models.heads import zeroshot_weights
 from pipeline.data.importing import IMAGE_TYPE, import_split
-from stages.presets import paper_params, preset_text
+from stages.presets import paper_params, preset_text, write_preset
 from pipeline import config
 from pipeline.data.sources import fetch_items
 
@@ -29,6 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_world_preset_is_the_default_params_file():
     assert preset_text("world") == (ROOT / "params.yaml").read_text()
+
+
+def test_a_preset_keeps_the_params_it_replaces(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("# my edits\n" + preset_text("world"))
+    write_preset("paper-vit-b-32", path)
+    assert path.read_text() == preset_text("paper-vit-b-32")
+    assert (tmp_path / "params.yaml.bak").read_text() == "# my edits\n" + preset_text("world")
+    write_preset("paper-vit-b-32", path)  # nothing to keep: the backup stays the user's file
+    assert (tmp_path / "params.yaml.bak").read_text().startswith("# my edits")
 
 
 @pytest.mark.parametrize("name, arch", [("paper-vit-b-32", "ViT-B-32-quickgelu"),

@@ -146,6 +146,27 @@ def test_corrupted_chunk_is_caught_by_deep_check(tmp_path, damage):
         open_store(path, deep=True)
 
 
+def test_a_chunk_that_no_longer_decodes_is_named_when_read(tmp_path):
+    path = write(tmp_path / "s.zarr", data())
+    chunk_file(path, 3).write_bytes(b"\x00not blosc" * 5)
+    store = open_store(path)
+    for read, where in ((store.to_numpy, f"feature store {path}"), (lambda: mean_abs_diff(store, data()), str(path)),
+                        (lambda: mean_abs_diff(store.to_dask().map_blocks(lambda z: z), data()), "a feature store")):
+        with pytest.raises(StoreError, match=rf"{where}.* is damaged: a chunk does not decode.*"
+                                             r"Delete the store and run `repsurgery extract`"):
+            read()
+
+
+def test_an_error_of_code_mapped_over_a_store_is_not_taken_for_damage(tmp_path):
+    store = open_store(write(tmp_path / "s.zarr", data()))
+
+    def broken(z):
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        mean_abs_diff(store.to_dask().map_blocks(broken, dtype=np.float32), data())
+
+
 def test_bad_writes_and_specs_are_refused(tmp_path):
     w = open_writer(tmp_path / "s.zarr", n_rows=50, dim=6, chunk_rows=8)
     x = data()
@@ -215,3 +236,27 @@ def test_sigkilled_writer_resumes_to_a_bit_identical_store(tmp_path):
     assert resumed.attrs["sha256"] == fresh.attrs["sha256"]
     np.testing.assert_array_equal(resumed.to_numpy(), fresh.to_numpy())
     assert json.loads((path / "zarr.json").read_text())["attributes"]["rows_written"] == 80
+
+
+def test_a_full_disk_while_writing_is_one_error_and_the_rows_written_before_stay(tmp_path):
+    """A file-size limit stands in for a full disk (the same errno path): the write fails with a
+    StoreError naming the store, and the writer resumes from the rows that made it to disk."""
+    script = textwrap.dedent(f"""
+        import resource, numpy as np
+        from cache import StoreError, open_writer
+        x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
+        w = open_writer({str(tmp_path / 's.zarr')!r}, n_rows=2000, dim=64, chunk_rows=1000, attrs={{}})
+        w.write(0, x[:1000])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))  # < one chunk
+        try:
+            w.write(1000, x[1000:])
+        except StoreError as exc:
+            print(exc)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "could not write rows [1000, 2000) of feature store" in done.stdout and "resume" in done.stdout
+    x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
+    w = open_writer(tmp_path / "s.zarr", n_rows=2000, dim=64, chunk_rows=1000, attrs={})
+    assert w.rows_written == 1000
+    w.write(1000, x[1000:])
+    np.testing.assert_array_equal(open_store(w.finalize(), deep=True).to_numpy(), x)

@@ -51,6 +51,10 @@ def shards(root: Path, task: str, split: str) -> list[Path]:
     files = sorted((task_dir(root, task) / "data").glob(f"{split}-*.parquet"))
     if not files:
         raise PipelineError(f"task {task!r}: no {split} shards under {task_dir(root, task) / 'data'}")
+    empty = [f.name for f in files if pq.ParquetFile(f).metadata.num_rows == 0]
+    if empty:
+        raise PipelineError(f"task {task!r}: {split} shard(s) {', '.join(empty)} under {task_dir(root, task) / 'data'} "
+                            "hold no images: remove them, or import the data again (`dvc repro -f data`)")
     return files
 
 

@@ -2,8 +2,11 @@
 and was made by the weights the workspace holds now (no model code is imported here, so
 surgery and evaluation start fast and never run an encoder).
 
-Where a checkpoint is absent (only the stores were pulled from a DVC remote, to run surgery
-on a laptop) the store is taken as recorded: the DVC lock that brought both vouches for it.
+A store (and the labels saved beside the features) is also refused when the test images it
+was computed from have changed since: a replaced shard must not let evaluation report old
+features against new labels. Where a checkpoint or the data is absent (only the stores were
+pulled from a DVC remote, to run surgery on a laptop) the store is taken as recorded: the DVC
+lock that brought both vouches for it.
 """
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ import torch
 
 from cache import FeatureStore, open_store
 from pipeline import workspace
+from pipeline.data import datasets
 from pipeline.errors import PipelineError
-from pipeline.models.checkpoints import fingerprint, read_metadata
+from pipeline.models.checkpoints import fingerprint, load_state, read_metadata
 
 
 def fix_hint(encoder: str) -> str:
@@ -28,9 +32,8 @@ def fix_hint(encoder: str) -> str:
 @functools.lru_cache(maxsize=1)
 def pretrained_fingerprint() -> str:
     """Hashed once per process: every task's pretrained store is checked against it."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(workspace.pretrained_clip()))
+    path = workspace.pretrained_clip()
+    state = load_state(path, hint=workspace.rebuild_hint(path))
     return fingerprint({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
 
 
@@ -39,7 +42,20 @@ def checkpoint_fingerprint(encoder: str, task: str) -> str | None:
     path = workspace.checkpoint(encoder, task)
     if path is None:
         return pretrained_fingerprint() if workspace.pretrained_clip().exists() else None
-    return read_metadata(path)["fingerprint"] if path.exists() else None
+    return read_metadata(path, required=("fingerprint",))["fingerprint"] if path.exists() else None
+
+
+@functools.lru_cache(maxsize=None)
+def data_fingerprint(task: str) -> str | None:
+    """Fingerprint of the task's test shards now (None: no data here); hashed once per process."""
+    if not datasets.task_dir(workspace.DATA, task).exists():
+        return None
+    return datasets.dataset_fingerprint(workspace.DATA, task, workspace.SPLIT)
+
+
+def stale_data(task: str) -> str:
+    return (f"the {workspace.SPLIT} images of task {task!r} under {workspace.DATA}/ changed after its features "
+            f"were extracted")
 
 
 def open_features(encoder: str, task: str) -> FeatureStore:
@@ -47,6 +63,9 @@ def open_features(encoder: str, task: str) -> FeatureStore:
     fp = checkpoint_fingerprint(encoder, task)
     if fp is not None:
         expect["encoder_fingerprint"] = fp
+    data_fp = data_fingerprint(task)
+    if data_fp is not None:
+        expect["dataset_fingerprint"] = data_fp
     return open_store(workspace.store(encoder, task), expect=expect, fix_hint=fix_hint(encoder))
 
 
@@ -66,4 +85,8 @@ def read_labels(task: str) -> np.ndarray:
     path = workspace.labels(task)
     if not path.exists():
         raise PipelineError(f"no labels for task {task!r} at {path}: {fix_hint('individual')}")
-    return np.asarray(json.loads(path.read_text())["labels"], dtype=np.int64)
+    saved = json.loads(path.read_text())
+    if data_fingerprint(task) not in (None, saved.get("dataset_fingerprint")):
+        raise PipelineError(f"{stale_data(task)} (labels at {path}): run `dvc repro extract` (or "
+                            f"`repsurgery extract`) to extract every encoder's features again")
+    return np.asarray(saved["labels"], dtype=np.int64)

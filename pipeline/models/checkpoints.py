@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from cache.files import atomic_path
+from pipeline import workspace
 from pipeline.errors import PipelineError
 
 StateDict = dict[str, torch.Tensor]
@@ -48,9 +49,18 @@ def _sort_header(path: Path) -> None:
         handle.write(text.ljust(size, b" "))
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
+def read_metadata(path: Path, *, required: tuple[str, ...] = ()) -> dict[str, str]:
+    """A checkpoint's metadata; one clear error for a damaged file or one this project did not write."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise PipelineError(f"checkpoint {path} cannot be read ({exc}). {workspace.rebuild_hint(path)}") from exc
+    missing = [key for key in required if key not in metadata]
+    if missing:
+        raise PipelineError(f"checkpoint {path} lacks this project's metadata ({', '.join(missing)}): it was not "
+                            f"written by the pipeline's stages. {workspace.rebuild_hint(path)}")
+    return metadata
 
 
 def load_state(path: Path, *, like: StateDict | None = None, hint: str = "") -> StateDict:

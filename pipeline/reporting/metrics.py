@@ -30,3 +30,10 @@ def adapted(store, surgery, task: int):
             return surgery(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)), task).numpy()
 
     return store.to_dask().astype(np.float32).map_blocks(block, dtype=np.float32)
+
+
+def summary(results: dict) -> dict:
+    """metrics.json's averages only (entry -> figure -> its `avg`): one column per figure and
+    entry, so `dvc exp show` and `dvc metrics diff` stay readable; per-task figures stay in
+    metrics.json."""
+    return {key: {name: values["avg"] for name, values in figures.items()} for key, figures in results.items()}

@@ -67,14 +67,17 @@ def save_surgery(key: str, module: Surgery, *, tasks: list[str], inputs: str) ->
 def trained_inputs(key: str) -> str | None:
     """The inputs digest a merge entry's saved adapters were trained from (None if there are none)."""
     path = workspace.surgery_checkpoint(key)
-    return read_metadata(path).get("inputs") if path.exists() else None
+    try:
+        return read_metadata(path).get("inputs") if path.exists() else None
+    except PipelineError:  # damaged: train again (the new checkpoint replaces it atomically)
+        return None
 
 
 def load_surgery(key: str, tasks: list[str]) -> Surgery:
     """A merge entry's trained adapters, refused if they were trained for other tasks."""
     path, hint = workspace.surgery_checkpoint(key), f"run `repsurgery surgery {key}`"
     state = load_state(path, hint=hint[0].upper() + hint[1:] + ".")
-    trained_on = json.loads(read_metadata(path)["tasks"])
+    trained_on = json.loads(read_metadata(path, required=("tasks",))["tasks"])
     if trained_on != tasks:
         raise PipelineError(f"{path} was trained for tasks {trained_on}, params list {tasks}: {hint}")
     n_tasks, rank, dim = state["down"].shape

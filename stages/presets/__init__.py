@@ -76,7 +76,13 @@ def preset_text(name: str) -> str:
 
 
 def write_preset(name: str, path: Path) -> None:
+    """Write the preset; a different params file already there is kept beside it as `.bak`."""
     text = preset_text(name)
+    kept = ""
+    if path.exists() and path.read_text() != text:
+        backup = path.with_name(path.name + ".bak")
+        write_text(backup, path.read_text())
+        kept = f" (the previous one is kept in {backup})"
     write_text(path, text)
-    print(f"wrote the {name} preset to {path}" + ("" if name == "world" else
+    print(f"wrote the {name} preset to {path}{kept}" + ("" if name == "world" else
           "; next: `repsurgery fetch` (online), then `dvc repro`"))

@@ -1,0 +1,58 @@
+"""`repsurgery list`: what a user can choose from, read from the registries and the typed params
+(never a hand-kept list), one text block per topic."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def methods(_params: Path | None) -> str:
+    from pipeline.merging import registry
+
+    lines = []
+    for name, method in registry.available().items():
+        fields = ", ".join(f"{k}={'<required>' if f.is_required() else f.default!r}"
+                           for k, f in method.params.model_fields.items())
+        needs = f" [needs {', '.join(sorted(method.needs))}]" if method.needs else ""
+        label = method.label if isinstance(method.label, str) else _label_of_defaults(method)
+        lines.append(f"{name}: {label}{needs} ({fields or 'no params'}) from {method.module}")
+    return "\n".join(lines)
+
+
+def _label_of_defaults(method) -> str:
+    """A label computed from the entry's params, shown for the defaults (the method's docstring
+    where a param has no default)."""
+    try:
+        return f"{method.label(method.params())} (at the defaults)"
+    except Exception:
+        return (method.function.__doc__ or sys.modules[method.module].__doc__ or "").strip().split("\n")[0]
+
+
+def adapters(_params: Path | None) -> str:
+    from pipeline.config import Surgery
+    from pipeline.surgery.training import LOSSES
+
+    return ("surgery: one adapter per task on the merged features, z_hat = z - W_up ReLU(W_down z) "
+            "(W_down: rank x d, W_up: d x rank, zero at the start: identity)\n"
+            f"losses (surgery.loss): {', '.join(LOSSES)}\n"
+            f"params `surgery` and `analyses.surgery`: {', '.join(Surgery.model_fields)}")
+
+
+def tasks(_params: Path | None) -> str:
+    from pipeline.data.catalog import PAPER_TASKS
+    from pipeline.world.images import TASK_NAMES
+
+    return (f"miniature world (source: world): {', '.join(TASK_NAMES)}\n"
+            f"paper setting (a `source` mapping; `repsurgery preset paper-vit-b-32`): {', '.join(PAPER_TASKS)}")
+
+
+def params(path: Path | None) -> str:
+    import yaml
+
+    from pipeline import config
+
+    loaded = config.load(path or Path("params.yaml"))
+    return yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False).rstrip()
+
+
+LISTINGS = {"methods": methods, "adapters": adapters, "tasks": tasks, "params": params}
