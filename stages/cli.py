@@ -10,8 +10,7 @@ import typer
 
 from stages.listing import LISTINGS
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Representation Surgery for merged CLIP image encoders: run any pipeline stage.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file (paths are relative to the cwd)")
 DeviceOpt = typer.Option(None, "--device", help="auto (default: CUDA if present), cpu, cuda, cuda:N; "

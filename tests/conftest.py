@@ -90,7 +90,7 @@ def make_project(path: Path, params: dict) -> Path:
     shutil.copy(ROOT / ".dvcignore", path / ".dvcignore")
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # results/dvc.yaml (the generated plots) stays visible: DVC skips git-ignored dvc.yaml files
-    (path / ".gitignore").write_text("/data\n/models\n/features\n/results/metrics.json\n/results/summary.json\n/results/accuracy.md\n"
+    (path / ".gitignore").write_text("/data\n/models\n/features\n/results/metrics.json\n/results/accuracy.md\n"
                                      "/results/analyses\n")
     run([str(BIN / "repsurgery"), "plots"], path)  # dvc.yaml's plots for these params' merge entries
     run(["git", "init", "-q"], path)

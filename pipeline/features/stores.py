@@ -53,11 +53,6 @@ def data_fingerprint(task: str) -> str | None:
     return datasets.dataset_fingerprint(workspace.DATA, task, workspace.SPLIT)
 
 
-def stale_data(task: str) -> str:
-    return (f"the {workspace.SPLIT} images of task {task!r} under {workspace.DATA}/ changed after its features "
-            f"were extracted")
-
-
 def open_features(encoder: str, task: str) -> FeatureStore:
     expect = {"task": task, "split": workspace.SPLIT}
     fp = checkpoint_fingerprint(encoder, task)
@@ -87,6 +82,7 @@ def read_labels(task: str) -> np.ndarray:
         raise PipelineError(f"no labels for task {task!r} at {path}: {fix_hint('individual')}")
     saved = json.loads(path.read_text())
     if data_fingerprint(task) not in (None, saved.get("dataset_fingerprint")):
-        raise PipelineError(f"{stale_data(task)} (labels at {path}): run `dvc repro extract` (or "
-                            f"`repsurgery extract`) to extract every encoder's features again")
+        raise PipelineError(f"the {workspace.SPLIT} images of task {task!r} under {workspace.DATA}/ changed after "
+                            f"its features were extracted (labels at {path}): run `dvc repro extract` (or "
+                            "`repsurgery extract`) to extract every encoder's features again")
     return np.asarray(saved["labels"], dtype=np.int64)
