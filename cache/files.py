@@ -37,6 +37,19 @@ def storage_errno(exc: BaseException) -> int | None:
 
 
 @contextmanager
+def storage_errors(error: type[Exception], message: str) -> Iterator[None]:
+    """A full disk or another storage error in the block becomes `error(message)`, with
+    `{reason}` in the message replaced by the system's words for it; anything else passes."""
+    try:
+        yield
+    except Exception as exc:
+        code = storage_errno(exc)
+        if code is None:
+            raise
+        raise error(message.format(reason=os.strerror(code))) from exc
+
+
+@contextmanager
 def atomic_path(path) -> Iterator[Path]:
     """Yield a temporary name to write to; it replaces `path` only if the block completes.
 
@@ -47,14 +60,10 @@ def atomic_path(path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
-    except Exception as exc:
-        code = storage_errno(exc)
-        if code is None:
-            raise
-        raise WriteError(f"could not write {path}: {os.strerror(code)}; its previous content is unchanged. "
-                         f"Free disk space (or fix the permissions), then run the command again") from exc
+        with storage_errors(WriteError, f"could not write {path}: {{reason}}; its previous content is unchanged. "
+                                        "Free disk space (or fix the permissions), then run the command again"):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from cache.files import storage_errno
+from cache.files import storage_errors
 
 CODE_VERSION = "1"
 DTYPES = ("float32", "float16")
@@ -127,15 +127,10 @@ def _write_rows(array, path: Path, start: int, block: np.ndarray) -> int:
     if start % chunk_rows or stop > n_rows or (stop % chunk_rows and stop != n_rows):
         raise ValueError(f"{path}: block of rows [{start}, {stop}) is not on chunk boundaries "
                          f"(chunk rows {chunk_rows}, total {n_rows})")
-    try:
+    with storage_errors(StoreError, f"could not write rows [{start}, {stop}) of feature store {path}: {{reason}}. "
+                                    "The rows written before are kept: free disk space, then run the command again "
+                                    "to resume"):
         array[start:stop] = block.astype(array.dtype, copy=False)
-    except Exception as exc:
-        code = storage_errno(exc)
-        if code is None:
-            raise
-        raise StoreError(f"could not write rows [{start}, {stop}) of feature store {path}: {os.strerror(code)}. "
-                         "The rows written before are kept: free disk space, then run the command again "
-                         "to resume") from exc
     return stop
 
 
