@@ -6,6 +6,7 @@ so a killed writer resumes where it stopped. Readers verify before they trust.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -59,8 +60,50 @@ def _json(value):
     return json.loads(json.dumps(value))
 
 
+_HELD: dict[Path, int] = {}  # lock file -> descriptor, the stores this process is writing
+
+
+def _lock(path: Path) -> None:
+    """Hold `<path>.lock` for this process (released by `finalize`, or by the kernel when the
+    process dies, so a killed writer never blocks the next): two processes extracting the same
+    store would otherwise append to one `.partial`. A writer this process left unfinished is
+    simply resumed."""
+    lock = _sibling(path, ".lock").absolute()
+    if lock in _HELD:
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(f"{path} is being written by another process (pid {owner}): wait for it to finish "
+                             "(or stop it), then run the command again") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file its previous holder removed after we opened it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            _HELD[lock] = fd
+            return
+        os.close(fd)
+
+
+def _release(path: Path, remove: bool = False) -> None:
+    lock = _sibling(path, ".lock").absolute()
+    if remove:
+        lock.unlink(missing_ok=True)  # before the release: nobody locks a removed file
+    if lock in _HELD:
+        os.close(_HELD.pop(lock))
+
+
 class StoreWriter:
-    """Appends chunk-aligned blocks of rows to `<path>.partial`, then publishes it as `<path>`."""
+    """Appends chunk-aligned blocks of rows to `<path>.partial`, then publishes it as `<path>`.
+    Holds the store's lock from `open_writer` to `finalize`."""
 
     def __init__(self, path: Path, group: zarr.Group, fix_hint: str):
         self.path, self.group, self.fix_hint = path, group, fix_hint
@@ -100,6 +143,11 @@ class StoreWriter:
             self.group.attrs["rows_written"] = done
         return done
 
+    def close(self) -> None:
+        """Stop writing without finalising: the rows written stay in `.partial` for a later
+        writer to resume, which this releases the store's lock to."""
+        _release(self.path)
+
     def finalize(self) -> Path:
         if self.rows_written != self.n_rows:
             raise IncompleteStoreError(f"{self.path}: only {self.rows_written} of {self.n_rows} rows written; "
@@ -113,6 +161,7 @@ class StoreWriter:
             os.replace(self.path, old)
         os.replace(partial, self.path)
         shutil.rmtree(old, ignore_errors=True)
+        _release(self.path, remove=True)
         return self.path
 
 
@@ -173,21 +222,25 @@ def open_writer(path, *, n_rows: int, dim: int, dtype: str = "float32", chunk_ro
     layout = _json({"n_rows": int(n_rows), "dim": int(dim), "dtype": dtype, "chunk_rows": int(chunk_rows),
                     "code_version": CODE_VERSION, **(attrs or {})})
     partial = _sibling(path, ".partial")
-    if partial.exists():
-        try:
-            group = zarr.open_group(partial, mode="r+")
-            spec = {k: v for k, v in group.attrs.items() if k not in _PROGRESS_KEYS}
-            if spec == layout and group["features"].shape == (n_rows, dim):
-                return StoreWriter(path, group, fix_hint)
-        except Exception:
-            pass  # unreadable partial: start again
-        shutil.rmtree(partial)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(partial, mode="w")
-    group.create_array("features", shape=(n_rows, dim), chunks=(chunk_rows, dim), dtype=dtype,
-                       compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=0,
-                       config=_ARRAY_CONFIG)
-    group.attrs.update({**layout, "rows_written": 0, "complete": False})
+    _lock(path)
+    try:
+        if partial.exists():
+            try:
+                group = zarr.open_group(partial, mode="r+")
+                spec = {k: v for k, v in group.attrs.items() if k not in _PROGRESS_KEYS}
+                if spec == layout and group["features"].shape == (n_rows, dim):
+                    return StoreWriter(path, group, fix_hint)
+            except Exception:
+                pass  # unreadable partial: start again
+            shutil.rmtree(partial)
+        group = zarr.open_group(partial, mode="w")
+        group.create_array("features", shape=(n_rows, dim), chunks=(chunk_rows, dim), dtype=dtype,
+                           compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=0,
+                           config=_ARRAY_CONFIG)
+        group.attrs.update({**layout, "rows_written": 0, "complete": False})
+    except BaseException:
+        _release(path, remove=True)
+        raise
     return StoreWriter(path, group, fix_hint)
 
 
@@ -198,6 +251,10 @@ class FeatureStore:
         self.path, self.group = path, group
         self.array = group["features"]
         self.attrs = dict(group.attrs)
+
+    def chunk_file(self, i: int) -> Path:
+        """Where chunk i (rows i * chunk_rows onwards) lies (zarr v3 default chunk key encoding)."""
+        return self.path / "features" / "c" / str(i) / "0"
 
     n_rows = property(lambda self: self.array.shape[0])
     dim = property(lambda self: self.array.shape[1])
@@ -232,12 +289,27 @@ def decoding(*stores):
     except Exception as exc:
         if not _raised_by_codec(exc):
             raise
-        names = [str(s.path) for s in stores if isinstance(s, FeatureStore)]
+        known = [s for s in stores if isinstance(s, FeatureStore)]
+        damaged = [(s, bad) for s in known if (bad := undecodable_chunks(s))]
+        names = [f"{s.path} (chunk {', '.join(map(str, bad))}: {s.chunk_file(bad[0])})" for s, bad in damaged] \
+            or [str(s.path) for s in known]
         where = ("a feature store" if not names else f"feature store {' or '.join(names)}"
-                 + ("" if len(names) == len(stores) else " (or the one compared with it)"))
+                 + ("" if damaged or len(names) == len(stores) else " (or the one compared with it)"))
         raise StoreError(f"{where} is damaged: a chunk does not decode ({type(exc).__name__}: {exc}). "
                          "Delete the store and run `repsurgery extract` to recompute it (DVC keeps stores it "
-                         "takes as current; `dvc repro` will not notice)") from exc
+                         "takes as current; `dvc repro` will not notice); `repsurgery verify` checks every "
+                         "store against its checksum") from exc
+
+
+def undecodable_chunks(store: FeatureStore) -> list[int]:
+    """The chunks of a store whose bytes no longer decode (read one by one, on an error path only)."""
+    bad = []
+    for i, start in enumerate(range(0, store.n_rows, store.chunk_rows)):
+        try:
+            store.array[start:start + store.chunk_rows]
+        except Exception:
+            bad.append(i)
+    return bad
 
 
 def _raised_by_codec(exc: BaseException) -> bool:

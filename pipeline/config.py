@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pipeline.errors import PipelineError
-from pipeline.surgery.training import LOSSES
+
+LOSSES = ("l1", "mse", "smooth_l1", "cosine")  # surgery losses (pipeline.surgery.training.loss_fn)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]

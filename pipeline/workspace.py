@@ -29,6 +29,7 @@ FEATURES = Path("features")
 LABELS = FEATURES / "labels"
 TSNE_CACHE = FEATURES / "tsne"  # t-SNE embeddings by input digest (analysis-tsne)
 RESULTS = Path("results")
+SOURCES = RESULTS / "sources.json"  # where the models and data came from (stage sources)
 METRICS = RESULTS / "metrics.json"  # every figure, per task
 SUMMARY = RESULTS / "summary.json"  # the averages: what `dvc metrics` and `dvc exp show` show
 ACCURACY_TABLE = RESULTS / "accuracy.md"

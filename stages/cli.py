@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.config import LOSSES, Surgery
 from stages.listing import LISTINGS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -79,6 +80,16 @@ def _ctx(params: Path, device: str | None = None):
     from pipeline.devices import pick_device
 
     return _params(params), pick_device(device)
+
+
+@app.command("check-sources")
+@_stage
+def check_sources(params: Path = ParamsOpt):
+    """Check that every model and dataset params `source` names is available locally (before
+    `dvc repro` replaces anything) -> results/sources.json."""
+    from stages.sources import check_sources as run
+
+    run(_params(params))
 
 
 @app.command("prepare-data")
@@ -188,18 +199,27 @@ def extract(encoders: list[str] = typer.Argument(None, help="pretrained, individ
     extract_features(*_ctx(params, device), encoders or None, scheduler=scheduler, workers=workers)
 
 
-@app.command()
+@app.command(help="Train the per-task surgery adapters on cached features -> models/surgery/KEY.* (up-to-date "
+                  f"ones kept).\n\nSettings: params `surgery`: {', '.join(Surgery.model_fields)}; `loss` is one of "
+                  f"{', '.join(LOSSES)}. The adapter: `repsurgery list adapters`.")
 @_stage
 def surgery(keys: list[str] = typer.Argument(None, help="entries of params `merge` (default: all of them; "
                                               "`repsurgery list params` shows them)"),
             params: Path = ParamsOpt, device: str = DeviceOpt):
-    """Train the per-task surgery adapters on cached features -> models/surgery/KEY.* (up-to-date ones kept).
-
-    Settings: params `surgery` (rank, lr, steps, batch_size, loss, seed); the adapter and the
-    losses to choose from: `repsurgery list adapters`."""
     from stages.surgery import run_surgery
 
     run_surgery(*_ctx(params, device), keys or None)
+
+
+@app.command()
+@_stage
+def verify(encoders: list[str] = typer.Argument(None, help="pretrained, individual and/or merge entries "
+                                                            "(default: every store, Traditional MTL's included)"),
+           params: Path = ParamsOpt):
+    """Reread every feature store against the checksum taken when it was written (the deep check)."""
+    from stages.verify import verify as run
+
+    run(_params(params), encoders or None)
 
 
 @app.command()

@@ -29,8 +29,7 @@ def _label_of_defaults(method) -> str:
 
 
 def adapters(_params: Path | None) -> str:
-    from pipeline.config import Surgery
-    from pipeline.surgery.training import LOSSES
+    from pipeline.config import LOSSES, Surgery
 
     return ("surgery: one adapter per task on the merged features, z_hat = z - W_up ReLU(W_down z) "
             "(W_down: rank x d, W_up: d x rank, zero at the start: identity)\n"

@@ -5,10 +5,9 @@ from importlib.metadata import version
 
 import yaml
 
-from pipeline.config import validate
+from pipeline.config import LOSSES, Surgery, validate
 from pipeline.data.catalog import PAPER_TASKS
 from pipeline.merging import registry
-from pipeline.surgery.training import LOSSES
 from pipeline.world.images import TASK_NAMES
 from tests.conftest import TINY, cli
 
@@ -34,3 +33,19 @@ def test_list_of_an_unknown_topic_names_the_choices(tmp_path):
     done = cli(tmp_path, "list", "adapter")
     assert done.returncode == 1 and done.stderr.strip() == (
         "error: nothing to list as 'adapter': choose one of methods, adapters, tasks, params, all")
+
+
+def test_surgery_help_lists_its_settings_and_losses(tmp_path):
+    text = " ".join(cli(tmp_path, "surgery", "--help", check=True).stdout.split())
+    assert all(name in text for name in (*Surgery.model_fields, *LOSSES)), text
+
+
+def test_preset_list_tasks_adapters_and_help_start_without_torch(tmp_path):
+    """They run before any work: a torch that cannot even be imported does not stop them."""
+    broken = tmp_path / "broken"
+    (broken / "torch").mkdir(parents=True)
+    (broken / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')")
+    for args in (["--version"], ["preset", "paper-vit-b-32"], ["list", "tasks"], ["list", "adapters"],
+                 ["surgery", "--help"]):
+        cli(tmp_path, *args, check=True, extra_env={"PYTHONPATH": str(broken)})
+    assert (tmp_path / "params.yaml").read_text().startswith("# The paper's setting")

@@ -54,6 +54,7 @@ def test_two_dask_workers_write_the_single_process_stores_byte_for_byte(world, t
                                 if k not in ("n_rows", "dim", "dtype", "chunk_rows", "code_version",
                                              "rows_written", "complete", "sha256")})
     writer.write(0, reference.read(0, reference.chunk_rows))
+    writer.close()
     done = cli(project, "extract", "--workers", "2", check=True)
     assert f"{N_STORES} feature stores ready" in done.stdout
     want, got = stores(world), stores(project)
@@ -133,9 +134,31 @@ def test_sigkilled_extract_command_resumes_to_the_uninterrupted_stores(world, tm
     cli(killed, "extract", check=True)
     want, got = stores(fresh), stores(killed)
     assert list(got) == list(want) and not list(killed.glob("features/**/*.partial"))
+    assert not list(killed.glob("features/**/*.lock"))
     for name, path in want.items():
         assert open_store(got[name], deep=True).attrs == open_store(path).attrs, name
         assert chunk_bytes(got[name]) == chunk_bytes(path), name
+
+
+def test_a_store_being_written_by_another_process_is_one_line_and_free_once_it_ends(world, tmp_path):
+    project = copy_project(world, tmp_path / "copy")
+    store = project / "features" / "pretrained" / f"{TASKS[0]}-test.zarr"
+    shutil.rmtree(store)
+    holder = subprocess.Popen([str(BIN / "python"), "-c", "import sys, time; from cache import open_writer; "
+                               f"open_writer({str(store)!r}, n_rows=1, dim=1); print(flush=True); time.sleep(60)"],
+                              cwd=project, env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        done = cli(project, "extract", "pretrained")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: {store.relative_to(project)} is being written by another process (pid {holder.pid}): wait for it "
+        "to finish (or stop it), then run the command again"]
+    cli(project, "extract", "pretrained", check=True)
+    assert open_store(store, deep=True).attrs == open_store(world / store.relative_to(project)).attrs
 
 
 def test_truncated_store_is_refused_by_the_stages_that_read_it(world, tmp_path):
@@ -145,3 +168,24 @@ def test_truncated_store_is_refused_by_the_stages_that_read_it(world, tmp_path):
     done = cli(project, "evaluate")
     assert done.returncode == 1
     assert "colors-test.zarr is truncated" in done.stderr and "repsurgery extract individual" in done.stderr
+
+
+def test_a_chunk_damaged_on_disk_is_named_by_the_stage_that_reads_it_and_by_verify(world, tmp_path):
+    project = copy_project(world, tmp_path / "copy")
+    store = Path("features") / "merged" / METHODS[0] / f"{TASKS[-1]}-test.zarr"
+    chunk = store / "features" / "c" / "1" / "0"
+    (project / chunk).write_bytes(b"\x00not blosc" * 8)
+    metrics = (project / "results" / "metrics.json").read_bytes()
+    done = cli(project, "evaluate")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert f"feature store {store} (chunk 1: {chunk}) is damaged: a chunk does not decode" in line, line
+    assert "`repsurgery verify`" in line and (project / "results" / "metrics.json").read_bytes() == metrics
+    done = cli(project, "verify")
+    n_stores = len(TASKS) * (len(ENCODERS) + 1)  # and Traditional MTL's
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert [line for line in done.stderr.splitlines() if line] == [
+        f"  feature store {store} is damaged: its data no longer match the checksum recorded when it was written. "
+        f"Fix: run `repsurgery extract {METHODS[0]}` (or `dvc repro extract` for every encoder).",
+        f"error: 1 of {n_stores} feature stores failed the check (above, each with its fix)"]
+    assert cli(world, "verify", check=True).stdout.strip().endswith("every chunk matches its checksum")

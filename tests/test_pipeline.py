@@ -250,6 +250,21 @@ def test_an_empty_test_shard_is_refused_by_name(world, tmp_path):
     assert f"task {task!r}: test shard(s) test-99999.parquet" in done.stderr and "hold no images" in done.stderr
 
 
+def test_switching_to_a_source_that_is_not_fetched_stops_before_any_output_is_replaced(world, tmp_path):
+    """DVC deletes a stage's outputs before running it: an offline `dvc repro` after
+    `repsurgery preset paper-...` must fail in the first stage, with the world intact."""
+    project = copy_project(world, tmp_path / "copy")
+    cli(project, "preset", "paper-vit-b-32", check=True)
+    params_with(project, project / "params.yaml", source__cache=str(tmp_path / "empty-cache"))
+    before = {p: p.stat().st_mtime_ns for p in sorted(project.glob("data/**/*")) + sorted(project.glob("models/**/*"))}
+    done = run([str(BIN / "dvc"), "repro"], project, check=False)
+    assert done.returncode != 0 and "Traceback" not in done.stdout + done.stderr
+    assert "17 of 17 sources named in params `source` are not available locally" in done.stdout + done.stderr
+    after = {p: p.stat().st_mtime_ns for p in sorted(project.glob("data/**/*")) + sorted(project.glob("models/**/*"))}
+    assert after == before and before
+    assert json.loads((project / "results" / "sources.json").read_text()) == {"source": "world"}
+
+
 def test_adamerging_coefficients_are_clamped_and_recorded(world):
     tw = json.loads((world / "models" / "merged" / "tw_adamerging.json").read_text())
     lw = json.loads((world / "models" / "merged" / "lw_adamerging.json").read_text())
@@ -278,6 +293,7 @@ def test_surgery_and_evaluation_need_only_the_pulled_stores_and_heads(world, tmp
     ({"surgery__loss": "l3"}, "`surgery.loss` = 'l3': input should be 'l1', 'mse', 'smooth_l1' or 'cosine'"),
     ({"tasks": ["digits", "digits"]}, "`tasks` = ['digits', 'digits']: expected each task once"),
     ({"surgery__batch_size": 10_000}, "`surgery.batch_size` = 10000: expected at most the smallest task's"),
+    ({"extract__dtype": "float64"}, "`extract.dtype` = 'float64': input should be 'float32' or 'float16'"),
 ])
 def test_params_mistakes_are_one_line_naming_key_value_and_file(world, tmp_path, change, message):
     params = params_with(world, tmp_path / "p.yaml", **change)

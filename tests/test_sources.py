@@ -20,7 +20,7 @@ from pipeline.data import hub
 from pipeline.errors import PipelineError
 from pipeline.models.heads import zeroshot_weights
 from pipeline.data.importing import IMAGE_TYPE, import_split
-from stages.presets import paper_params, preset_text, write_preset
+from stages.presets import paper_params, preset_text, sections, write_preset
 from pipeline import config
 from pipeline.data.sources import fetch_items
 
@@ -41,16 +41,27 @@ def test_a_preset_keeps_the_params_it_replaces(tmp_path):
     assert (tmp_path / "params.yaml.bak").read_text().startswith("# my edits")
 
 
+def test_paper_presets_keep_the_comments_of_every_section_they_do_not_replace():
+    world = sections(preset_text("world"))
+    paper = preset_text("paper-vit-b-16")
+    kept = [key for key in world if key and key not in ("tasks", "source", "merge")]
+    assert kept and all(world[key] in paper for key in kept)
+    assert list(sections(paper))[1:] == list(world)[1:]  # the same sections, in the same order
+    assert paper.startswith("# The paper's setting (paper-vit-b-16)")
+
+
 @pytest.mark.parametrize("name, arch", [("paper-vit-b-32", "ViT-B-32-quickgelu"),
                                         ("paper-vit-l-14", "ViT-L-14-quickgelu")])
 def test_paper_presets_name_the_eight_tasks_on_the_hub(name, arch):
     params = yaml.safe_load(preset_text(name))
+    assert params == paper_params(name)
     assert params["tasks"] == ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
     assert params["source"]["pretrained"] == {"arch": arch, "weights": "openai"}
-    adamerging = [e for e in params["merge"].values() if e.get("method") == "adamerging"]
-    assert adamerging and all(e["steps"] == 500 for e in adamerging)
     assert params["surgery"] == yaml.safe_load((ROOT / "params.yaml").read_text())["surgery"]
     typed = config.validate(params)
+    adamerging = [typed.merge_entry(key).params for key, entry in params["merge"].items()
+                  if entry.get("method") == "adamerging"]
+    assert adamerging and all(p.steps == 500 for p in adamerging)  # the recipe's, the method's default
     items = {name: (ref, patterns) for name, ref, patterns in fetch_items(typed.source, typed.tasks, "test")}
     assert len(items) == 17  # pretrained + 8 fine-tuned + 8 test splits
     ref, patterns = items["svhn test split"]

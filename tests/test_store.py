@@ -150,11 +150,14 @@ def test_a_chunk_that_no_longer_decodes_is_named_when_read(tmp_path):
     path = write(tmp_path / "s.zarr", data())
     chunk_file(path, 3).write_bytes(b"\x00not blosc" * 5)
     store = open_store(path)
-    for read, where in ((store.to_numpy, f"feature store {path}"), (lambda: mean_abs_diff(store, data()), str(path)),
+    named = f"feature store {path} (chunk 3: {chunk_file(path, 3)})"
+    for read, where in ((store.to_numpy, named), (lambda: mean_abs_diff(store, data()), named),
                         (lambda: mean_abs_diff(store.to_dask().map_blocks(lambda z: z), data()), "a feature store")):
-        with pytest.raises(StoreError, match=rf"{where}.* is damaged: a chunk does not decode.*"
-                                             r"Delete the store and run `repsurgery extract`"):
+        with pytest.raises(StoreError) as caught:
             read()
+        message = str(caught.value)
+        assert message.startswith(f"{where} is damaged: a chunk does not decode"), message
+        assert "Delete the store and run `repsurgery extract`" in message and "`repsurgery verify`" in message
 
 
 def test_an_error_of_code_mapped_over_a_store_is_not_taken_for_damage(tmp_path):
@@ -260,3 +263,22 @@ def test_a_full_disk_while_writing_is_one_error_and_the_rows_written_before_stay
     assert w.rows_written == 1000
     w.write(1000, x[1000:])
     np.testing.assert_array_equal(open_store(w.finalize(), deep=True).to_numpy(), x)
+
+
+def test_a_store_another_process_is_writing_is_refused_until_that_process_ends(tmp_path):
+    """Two extractions of one store would append to the same `.partial`: the second is refused,
+    naming the first; once the first has ended, even by SIGKILL, the store is free again."""
+    path = tmp_path / "busy.zarr"
+    script = CHILD.format(root=str(ROOT), path=str(path), attrs=ATTRS)
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as child:
+        try:
+            next(child.stdout)  # the child holds the store
+            with pytest.raises(StoreError, match=rf"{path} is being written by another process \(pid {child.pid}\)"):
+                open_writer(path, n_rows=80, dim=6, chunk_rows=8, attrs=ATTRS)
+        finally:
+            os.kill(child.pid, signal.SIGKILL)
+    x = data(80, 6)
+    written = write(path, x, chunk_rows=8)
+    np.testing.assert_array_equal(open_store(written, deep=True).to_numpy(), x)
+    assert not list(tmp_path.glob("*.lock")) and not list(tmp_path.glob("*.partial"))

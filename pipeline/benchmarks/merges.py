@@ -24,8 +24,6 @@ from pipeline import config, workspace
 from pipeline.merging import registry
 from pipeline.merging.inputs import load_inputs
 
-SCHEDULES = ("steps", "mask_steps")
-
 
 def _rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -42,7 +40,7 @@ def _measure(key: str, params_file: Path, n: int, device: str, steps: int, threa
     entry = params.merge_entry(key)
     method = registry.get(entry.method)
     values = entry.params.model_dump()
-    values.update({name: min(values[name], steps) for name in SCHEDULES if name in values})
+    values.update({name: min(values[name], steps) for name in registry.SCHEDULES if name in values})
     inputs = load_inputs(method, tasks, device=device, progress=lambda it, **kw: it)
     if "images" in method.needs:  # the datasets it reads, opened before the baseline reading
         for t in range(len(tasks)):
@@ -57,7 +55,7 @@ def _measure(key: str, params_file: Path, n: int, device: str, steps: int, threa
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - clock
     peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else _rss_bytes() - before
-    scheduled = {name: values[name] for name in SCHEDULES if name in values}
+    scheduled = {name: values[name] for name in registry.SCHEDULES if name in values}
     return {"key": key, "method": entry.method, "tasks": len(tasks), "wall_s": round(wall, 3),
             "peak_mib": round(peak / 2**20, 1), "schedule": scheduled,
             "s_per_step": round(wall / sum(scheduled.values()), 4) if scheduled else None}

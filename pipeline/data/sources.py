@@ -3,6 +3,7 @@
 downloads `repsurgery fetch` makes. Nothing here touches the network except `hub.fetch`."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import open_clip
@@ -75,3 +76,28 @@ def pretrained_weights(src) -> Path:
     raise PipelineError(f"pretrained weights of {src.pretrained.arch} are neither in {folder} nor in the "
                         "Hugging Face cache that open_clip uses. Run `repsurgery fetch` (needs network), or set "
                         "`source.pretrained.weights` to a local file")
+
+
+def check(src, tasks: list[str], split: str) -> dict:
+    """Every model and test split the source names, resolved to its local path (the Hub entries
+    in the fetch cache), before any stage replaces an output: a record of where each came from,
+    with the sha256 `repsurgery fetch` took of its files. Every gap is named at once."""
+    manifest_path = cache_dir(src) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    entries = [("pretrained weights", str(src.pretrained.weights), "pretrained")]
+    for task in tasks:
+        entries += [(f"fine-tuned {task}", src.finetuned[task], "model"), (f"task {task}", src.datasets[task], "dataset")]
+    record, missing = {}, []
+    for what, ref, kind in entries:
+        try:
+            path = pretrained_weights(src) if kind == "pretrained" else local(ref, kind, src, what)
+        except PipelineError as exc:
+            missing.append(str(exc))
+            continue
+        uri = hub.parse(ref, kind).uri if hub.is_hub(ref) else None
+        files = manifest.get(uri, {}).get("files", []) if uri else []
+        record[what] = {"ref": ref, "path": str(path), "files": [{k: f[k] for k in ("path", "sha256")} for f in files]}
+    if missing:
+        raise PipelineError(f"{len(missing)} of {len(entries)} sources named in params `source` are not available "
+                            "locally; nothing was changed:\n  " + "\n  ".join(missing))
+    return record

@@ -53,7 +53,9 @@ def data_fingerprint(task: str) -> str | None:
     return datasets.dataset_fingerprint(workspace.DATA, task, workspace.SPLIT)
 
 
-def open_features(encoder: str, task: str) -> FeatureStore:
+def open_features(encoder: str, task: str, deep: bool = False) -> FeatureStore:
+    """A task's store of one encoder, refused unless made from the weights and data here now
+    (`deep`: also reread every chunk against its checksum)."""
     expect = {"task": task, "split": workspace.SPLIT}
     fp = checkpoint_fingerprint(encoder, task)
     if fp is not None:
@@ -61,7 +63,7 @@ def open_features(encoder: str, task: str) -> FeatureStore:
     data_fp = data_fingerprint(task)
     if data_fp is not None:
         expect["dataset_fingerprint"] = data_fp
-    return open_store(workspace.store(encoder, task), expect=expect, fix_hint=fix_hint(encoder))
+    return open_store(workspace.store(encoder, task), expect=expect, fix_hint=fix_hint(encoder), deep=deep)
 
 
 def read_features(encoder: str, tasks: list[str]) -> list[torch.Tensor]:

@@ -18,15 +18,18 @@ import inspect
 import pkgutil
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, create_model
 
 from pipeline.errors import PipelineError
-from pipeline.merging.task_vectors import StateDict
+
+if TYPE_CHECKING:  # the registry itself needs no torch: presets read SCHEDULES without loading it
+    from pipeline.merging.task_vectors import StateDict
 
 ENTRY_POINT_GROUP = "repsurgery.merge_methods"
 NEEDS = ("heads", "images", "device")
+SCHEDULES = ("steps", "mask_steps")  # the params that set how long a learned method trains
 
 
 @dataclass

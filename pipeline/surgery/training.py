@@ -13,10 +13,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import LOSSES
 from pipeline.errors import PipelineError
 from pipeline.surgery.adapters import Surgery
-
-LOSSES = ("l1", "mse", "smooth_l1", "cosine")
 
 
 def loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

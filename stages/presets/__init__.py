@@ -1,12 +1,14 @@
 """Params presets: the miniature world (the default params.yaml) and the paper's setting.
 
-The paper presets are derived from the world preset, so every section a stage reads is
-present; only tasks, `source` and the merge entries differ: every learned schedule is the
-method's registered default (the recipe's, where the world runs 100 steps), and entries that
-read a file of the miniature world (the Traditional MTL checkpoint) are left out.
+The paper presets are the world preset as written, comments included, with three sections
+replaced: tasks, `source` and the merge entries, whose learned schedules are left to each
+method's registered default (the recipe's, where the world runs 100 steps); entries that read
+a file of the miniature world (the Traditional MTL checkpoint) are left out. Nothing here
+imports torch: `repsurgery preset` starts at once.
 """
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -16,9 +18,7 @@ from cache.files import write_text
 from pipeline import workspace
 from pipeline.data.catalog import PAPER_TASKS
 from pipeline.errors import PipelineError
-from pipeline.merging import registry
-
-SCHEDULES = ("steps", "mask_steps")  # the params the world shortens
+from pipeline.merging.registry import SCHEDULES
 
 # preset -> (open_clip architecture, name in tanganke/clip-vit-*_<task> model ids)
 PAPER_MODELS = {
@@ -32,13 +32,23 @@ PAPER_HEADER = """\
 # The paper's setting ({name}): OpenAI CLIP {arch}, the eight fine-tuned task encoders and the
 # eight test splits from the Hugging Face Hub. Written by `repsurgery preset {name}`.
 # 1. `repsurgery fetch` downloads everything named in `source` into `source.cache` (online, once).
-# 2. `dvc repro` then runs offline. Entries of `source.finetuned` / `source.datasets` may also be
-#    local paths (checkpoint files or model folders; parquet shards or one folder per class).
-# Data-using merges (Fisher, RegMean, Concrete, AdaMerging++) read the test splits (`split: auto`
-# finds no train split here): the transductive setting of the AdaMerging and Concrete papers.
-# Surgery on a merged encoder made elsewhere: add `mine: {{method: checkpoint, path: FILE}}` to `merge`.
-# The sections world, model, pretrain and finetune are unused with a real source (dvc.yaml names them).
+# 2. `dvc repro` then runs offline (its first stage checks that everything is there before it
+#    replaces anything). Entries of `source.finetuned` / `source.datasets` may also be local
+#    paths (checkpoint files or model folders; parquet shards or one folder per class).
+# The sections world, model, pretrain, finetune and mtl are unused with a real source.
+
 """
+# comments above the sections a paper preset replaces (the rest keep the world preset's)
+PAPER_COMMENTS = {
+    "tasks": "# the paper's eight tasks, in its order\n",
+    "source": "# where the models and test splits come from: hf://owner/name[/subfolder] (in `cache` after\n"
+              "# `repsurgery fetch`) or local paths\n",
+    "merge": "# the paper's Table 1 methods (`repsurgery list methods`); learned schedules (steps, mask_steps) are\n"
+             "# each method's default, the recipe's (`repsurgery list params` shows every value). Data-using merges\n"
+             "# read the test splits (`split: auto` finds no train split here): the transductive setting of the\n"
+             "# AdaMerging and Concrete papers. Surgery on a merged encoder made elsewhere:\n"
+             "# `mine: {method: checkpoint, path: FILE}`\n",
+}
 
 
 def world_text() -> str:
@@ -55,15 +65,22 @@ def paper_params(name: str) -> dict:
         "finetuned": {t: f"hf://tanganke/{model_name}_{hub_task}" for t, (_, hub_task, _) in PAPER_TASKS.items()},
         "datasets": {t: f"hf://{repo}" for t, (repo, _, _) in PAPER_TASKS.items()},
     }
-    params["merge"] = {key: paper_entry(key, entry) for key, entry in params["merge"].items()
+    params["merge"] = {key: {k: v for k, v in entry.items() if k not in SCHEDULES}
+                       for key, entry in params["merge"].items()
                        if not str(entry.get("path", "")).startswith(str(workspace.MTL))}
     return params
 
 
-def paper_entry(key: str, entry: dict) -> dict:
-    """A world merge entry with the recipe's schedules: its method's registered defaults."""
-    fields = registry.get(entry.get("method", key)).params.model_fields
-    return {name: fields[name].default if name in SCHEDULES else value for name, value in entry.items()}
+def sections(text: str) -> dict[str, str]:
+    """A YAML file's top-level sections exactly as written, comments and blank lines included
+    ("" holds the lines above the first)."""
+    out, key = {"": ""}, ""
+    for line in text.splitlines(keepends=True):
+        if match := re.match(r"([A-Za-z_]\w*):", line):
+            key = match.group(1)
+            out[key] = ""
+        out[key] += line
+    return out
 
 
 def preset_text(name: str) -> str:
@@ -71,8 +88,15 @@ def preset_text(name: str) -> str:
         return world_text()
     if name not in PAPER_MODELS:
         raise PipelineError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    arch = PAPER_MODELS[name][0]
-    return PAPER_HEADER.format(name=name, arch=arch) + yaml.safe_dump(paper_params(name), sort_keys=False)
+    params = paper_params(name)
+    parts = [PAPER_HEADER.format(name=name, arch=PAPER_MODELS[name][0])]
+    for key, text in sections(world_text()).items():
+        if key in PAPER_COMMENTS:
+            flow = None if key != "source" else False  # short mappings on one line; the source as a tree
+            text = PAPER_COMMENTS[key] + yaml.safe_dump({key: params[key]}, sort_keys=False, width=110,
+                                                        default_flow_style=flow) + "\n"
+        parts.append(text if key else "")
+    return "".join(parts)
 
 
 def write_preset(name: str, path: Path) -> None:
