@@ -94,6 +94,7 @@ class Surgery(Section):
     batch_size: PositiveInt
     loss: Literal[LOSSES]
     seed: int
+    optimiser: Literal["per_task", "shared"] = "per_task"  # shared: as the authors' code ran (training.py)
 
 
 class PerMethod(Section):

@@ -41,9 +41,8 @@ def run_surgery(params: Params, device: torch.device, keys: list[str] | None = N
             stale.append((key, digest))
     if stale:
         merged = [read_features(workspace.merged_encoder(key), params.tasks) for key, _ in stale]
-        trained = train_groups(merged, read_features("individual", params.tasks), rank=cfg.rank, lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size,
-                               loss=cfg.loss, seed=cfg.seed, device=device,
-                               progress=lambda it: progress(it, desc=f"surgery of {len(stale)} entries", unit="step"))
+        trained = train_groups(merged, read_features("individual", params.tasks), **cfg.model_dump(), device=device,
+                               progress=lambda it: progress(it, desc=f"surgery of {len(stale)} entries"))
         for (key, digest), (module, curve) in zip(stale, trained):
             path = save_surgery(key, module, tasks=params.tasks, inputs=digest)
             workspace.write_json(workspace.surgery_info(key), {"tasks": params.tasks, "rank": cfg.rank,

@@ -96,10 +96,12 @@ def test_hf_vision_model_without_projection_takes_the_base_projection(tmp_path, 
     torch.testing.assert_close(encode(converted, images), pooled @ reference["proj"], atol=1e-5, rtol=1e-4)
 
 
-def task_arithmetic_pickle(path, visual_state: dict, sentinel) -> None:
+def task_arithmetic_pickle(path, visual_state: dict, sentinel, plain: bool = False) -> None:
     """A pickle shaped like the Task Arithmetic release: `src.modeling.ImageEncoder` holding an
     open_clip CLIP (text tower deleted) and torchvision transforms. Importing `src` would
-    write `sentinel`, so the test can tell whether loading ran code from the package."""
+    write `sentinel`, so the test can tell whether loading ran code from the package. `plain`:
+    written by `pickle.dump` (protocol 2) instead of torch.save, as some of that release's files
+    are: each storage then pickles as `torch.storage._load_from_bytes(<bytes>)`."""
     import torchvision.transforms as T
 
     src_pkg, modeling = types.ModuleType("src"), types.ModuleType("src.modeling")
@@ -122,14 +124,21 @@ def task_arithmetic_pickle(path, visual_state: dict, sentinel) -> None:
         clip = tiny_open_clip()
         clip.visual.load_state_dict(visual_state)
         del clip.transformer
-        torch.save(ImageEncoder(clip), path)
+        if plain:
+            with open(path, "wb") as f:
+                pickle.dump(ImageEncoder(clip), f, protocol=2)
+        else:
+            torch.save(ImageEncoder(clip), path)
     finally:
         del sys.modules["src"], sys.modules["src.modeling"]
 
 
-def test_task_arithmetic_pickles_are_read_without_running_their_code(tmp_path, reference):
+@pytest.mark.parametrize("plain", [False, True], ids=["torch.save", "plain pickle with _load_from_bytes"])
+def test_task_arithmetic_pickles_are_read_without_running_their_code(tmp_path, reference, plain):
     state, sentinel = perturbed(reference, seed=5), tmp_path / "sentinel"
-    task_arithmetic_pickle(tmp_path / "finetuned.pt", state, sentinel)
+    task_arithmetic_pickle(tmp_path / "finetuned.pt", state, sentinel, plain=plain)
+    if plain:
+        assert b"_load_from_bytes" in (tmp_path / "finetuned.pt").read_bytes()
     with pytest.raises(pickle.UnpicklingError):
         torch.load(tmp_path / "finetuned.pt", weights_only=True)  # really needs more than weights_only
     converted, kind = to_canonical(tmp_path / "finetuned.pt", reference)

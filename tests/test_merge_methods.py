@@ -39,11 +39,11 @@ def tiny_setup(n_tasks: int = 3, images: int = 6, scale: float = 0.05, seed: int
     return encoder, pre, fts, heads, datasets
 
 
-def run(name, pre, fts, *, encoder=None, heads=None, datasets=None, splits=None, **params):
+def run(name, pre, fts, *, encoder=None, heads=None, datasets=None, splits=None, text_entries=None, **params):
     """Run a registered method on in-memory inputs, its params validated as params.yaml's are."""
     method = registry.get(name)
     inputs = MergeInputs(name, [f"t{i}" for i in range(len(fts))], pre, fts, encoder=encoder, _heads=heads,
-                         _datasets=datasets, _splits=splits or {})
+                         _datasets=datasets, _splits=splits or {}, _reference_text_entries=text_entries)
     return method.run(inputs, method.params.model_validate(params))
 
 
@@ -198,17 +198,23 @@ def test_fisher_merging_is_an_entrywise_convex_combination_and_reports_each_task
 
 # --- AdaMerging++ -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layer_wise", [False, True])
-def test_adamerging_pp_with_frozen_coefficients_is_ties_merging(layer_wise):
+@pytest.mark.parametrize("layer_wise, trim_over", [(False, "image_encoder"), (True, "image_encoder"),
+                                                   (True, "state_dict")])
+def test_adamerging_pp_with_frozen_coefficients_is_ties_merging(layer_wise, trim_over):
     encoder, pre, fts, heads, datasets = tiny_setup()
+    zeros = sum(v.numel() for v in pre.values()) // 2  # text-side entries, as the reference flattens them
     frozen = run("adamerging_pp", pre, fts, encoder=encoder, heads=heads, datasets=datasets, layer_wise=layer_wise,
-                 k=30.0, init=0.3, lr=1e-12, steps=1, batch_size=2, batches_per_task=1)
-    ties = run("ties_merging", pre, fts, k=30.0, scaling=0.3, merge="sum").state
+                 k=30.0, init=0.3, lr=1e-12, steps=1, batch_size=2, batches_per_task=1, trim_over=trim_over,
+                 text_entries=zeros)
+    ties = run("ties_merging", pre, fts, k=30.0, scaling=0.3, merge="sum", trim_over=trim_over,
+               text_entries=zeros).state
     for key in pre:
         torch.testing.assert_close(frozen.state[key], ties[key], rtol=0, atol=1e-6)
     assert np.allclose(frozen.info["lambdas"], 0.3)
-    # the top 30% of each task vector, less the entries that disagree with the elected sign
-    assert all(0 < kept < 0.3 + 1e-3 for kept in frozen.info["kept"].values())
+    # the top 30% of each task vector (of 1.5 times as many entries with the text side), less
+    # the entries that disagree with the elected sign
+    share = 0.3 * (1.5 if trim_over == "state_dict" else 1)
+    assert all(0.5 * share < kept < share + 1e-3 for kept in frozen.info["kept"].values())
 
 
 def test_adamerging_pp_learns_its_coefficients():

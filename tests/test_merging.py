@@ -8,10 +8,10 @@ from pipeline.merging import registry
 from pipeline.merging.inputs import MergeInputs
 
 
-def merge(name, pre, fts, **params):
+def merge(name, pre, fts, text_entries=None, **params):
     """Run a registered method on in-memory weights, its params validated as params.yaml's are."""
     method = registry.get(name)
-    inputs = MergeInputs(name, [f"t{i}" for i in range(len(fts))], pre, fts)
+    inputs = MergeInputs(name, [f"t{i}" for i in range(len(fts))], pre, fts, _reference_text_entries=text_entries)
     return method.run(inputs, method.params.model_validate(params)).state
 
 
@@ -30,6 +30,15 @@ def test_weight_averaging_is_the_mean_of_all_finetuned_models():
     for key in ("a.weight", "b.bias"):
         assert torch.allclose(merged[key], torch.stack([ft[key] for ft in fts]).mean(0), atol=1e-6)
     assert torch.equal(merged["steps"], pre["steps"])
+
+
+def test_weight_averaging_as_the_reference_ran_it_leaves_out_the_last_task_but_still_divides_by_all():
+    pre, fts = states(n_tasks=4)
+    merged = merge("weight_averaging", pre, fts, drop_last=True)
+    expected = pre["a.weight"] + sum(ft["a.weight"] - pre["a.weight"] for ft in fts[:3]) / 4  # 1/T, T - 1 tasks
+    assert torch.allclose(merged["a.weight"], expected, atol=1e-6)
+    assert config.merge_entries({"weight_averaging": {"drop_last": True}})["weight_averaging"].label == \
+        "Weight Averaging (last task dropped)"
 
 
 def test_task_arithmetic_adds_scaled_sum_of_task_vectors():
@@ -58,6 +67,36 @@ def test_ties_threshold_is_global_across_tensors_not_per_tensor():
     merged = merge("ties_merging", pre, fts, k=25, scaling=1.0)
     assert torch.equal(merged["small"], torch.zeros(2))  # a per-tensor top-k would have kept 0.2
     assert torch.equal(merged["big"], torch.tensor([10.0, 9.0]))
+
+
+def test_ties_trim_over_the_reference_state_dict_counts_its_zero_text_side_entries():
+    """As if the zero task vectors of the text-side tensors were flattened with the rest: the
+    threshold of the longer row, so more of the image encoder's entries are kept."""
+    pre, fts = states(n_tasks=3)
+    n_zeros = 9
+    padded_pre = {**pre, "text": torch.zeros(n_zeros)}
+    padded_fts = [{**ft, "text": torch.zeros(n_zeros)} for ft in fts]
+    for name, params in (("ties_merging", {"k": 30, "scaling": 1.0}),):
+        reference = merge(name, pre, fts, text_entries=n_zeros, trim_over="state_dict", **params)
+        literal = merge(name, padded_pre, padded_fts, **params)
+        assert all(torch.equal(reference[key], literal[key]) for key in pre)
+        clean = merge(name, pre, fts, **params)
+        changed = lambda state: sum(int((state[k] != pre[k]).sum()) for k in ("a.weight", "b.bias"))
+        assert changed(reference) > changed(clean)
+    with pytest.raises(PipelineError, match="architecture is unknown"):
+        merge("ties_merging", pre, fts, trim_over="state_dict")
+
+
+@pytest.mark.parametrize("arch, kept", [("ViT-B-32-quickgelu", 25.8), ("ViT-B-16-quickgelu", 25.9),
+                                        ("ViT-L-14-quickgelu", 22.5)])
+def test_the_reference_ties_top_20_percent_keeps_the_published_share_of_the_image_encoder(arch, kept):
+    """The recipe's figures, from the architectures alone (meta device, no weights)."""
+    from pipeline.models import clip
+
+    spec = clip.spec_from_open_clip(arch)
+    visual = sum(p.numel() for p in clip.build_clip(spec, device="meta").visual.state_dict().values())
+    total = visual + clip.reference_text_entries(spec)
+    assert round(100 * int(total * 0.2) / visual, 1) == kept
 
 
 def test_unknown_method_and_bad_ties_params_are_refused_naming_the_key():

@@ -192,6 +192,10 @@ def _garbage(path):
     path.write_bytes(b"not a checkpoint" * 10)
 
 
+def _deleted(path):
+    path.unlink()
+
+
 def _without_metadata(path):
     from safetensors.torch import save_file
 
@@ -204,7 +208,10 @@ def _without_metadata(path):
     (_without_metadata, "models/merged/task_arithmetic.safetensors", ["surgery", "task_arithmetic"],
      "lacks this project's metadata (fingerprint)"),
     (_garbage, "models/surgery/weight_averaging.safetensors", ["evaluate"], "Run `repsurgery surgery weight_averaging`"),
+    (_truncated, f"models/finetuned/{TINY['tasks'][1]}.safetensors", ["merge", "task_arithmetic"],
+     "Run `repsurgery prepare-finetuned`"),
     (_garbage, "models/heads.safetensors", ["evaluate"], "Run `repsurgery heads`"),
+    (_deleted, "models/heads.safetensors", ["evaluate"], "does not exist. Run `repsurgery heads`"),
     (_garbage, "models/pretrained/clip.safetensors", ["evaluate"], "run `repsurgery prepare-pretrained`"),
 ])
 def test_a_damaged_checkpoint_is_one_line_naming_it_and_the_command_that_rewrites_it(world, tmp_path, damage, file,

@@ -62,15 +62,64 @@ def test_unknown_loss_is_refused():
         loss_fn("huber")
 
 
-def test_methods_trained_side_by_side_equal_each_trained_alone_bit_for_bit():
+@pytest.mark.parametrize("optimiser", ["per_task", "shared"])
+def test_methods_trained_side_by_side_equal_each_trained_alone_bit_for_bit(optimiser):
     from pipeline.surgery.training import train_groups
 
     g = torch.Generator().manual_seed(3)
     individual = [torch.randn(n, 12, generator=g) for n in (50, 30)]
     merged_sets = [[torch.randn(n, 12, generator=g) for n in (50, 30)] for _ in range(3)]
-    settings = dict(rank=4, lr=1e-2, steps=25, batch_size=8, loss="l1", seed=1)
+    settings = dict(rank=4, lr=1e-2, steps=25, batch_size=8, loss="l1", seed=1, optimiser=optimiser)
     together = train_groups(merged_sets, individual, **settings)
     for merged, (module, curve) in zip(merged_sets, together):
         alone, alone_curve = train(merged, individual, **settings)
         assert torch.equal(module.down, alone.down) and torch.equal(module.up, alone.up)
         assert curve == alone_curve
+
+
+def test_the_shared_optimiser_is_the_authors_loop_under_torch_1_8_zero_grad():
+    """A literal transcription of the reference: one nn.Linear pair per task, ONE Adam over all
+    of them, tasks in turn with two batches each, `zero_grad()` leaving zero gradients (torch
+    1.8's default; `set_to_none=False` today), on the rows the reference's loop would draw."""
+    from pipeline.surgery.training import VISIT, visit_plan
+
+    n_tasks, dim, rank, batch, steps, lr = 3, 6, 2, 16, 3 * VISIT, 1e-2
+    g = torch.Generator().manual_seed(0)
+    merged = [torch.randn(40 + 5 * t, dim, generator=g) for t in range(n_tasks)]
+    individual = [z + torch.randn(z.shape, generator=g) for z in merged]
+    module, _ = train(merged, individual, rank=rank, lr=lr, steps=steps, batch_size=batch, seed=0, optimiser="shared")
+
+    init = Surgery(n_tasks, dim, rank, seed=0)
+    downs = [torch.nn.Linear(dim, rank, bias=False) for _ in range(n_tasks)]
+    ups = [torch.nn.Linear(rank, dim, bias=False) for _ in range(n_tasks)]
+    with torch.no_grad():
+        for t in range(n_tasks):
+            downs[t].weight.copy_(init.down[t])
+            ups[t].weight.copy_(init.up[t])
+    optimizer = torch.optim.Adam([w for t in range(n_tasks) for w in (downs[t].weight, ups[t].weight)], lr=lr,
+                                 betas=(0.9, 0.999), weight_decay=0.0)
+    rows = visit_plan([len(z) for z in merged], batch, steps, seed=0)
+    for turn in range(steps // VISIT):
+        for t in range(n_tasks):
+            for step in range(turn * VISIT, (turn + 1) * VISIT):
+                x, target = merged[t][rows[step, t]], individual[t][rows[step, t]]
+                loss = torch.nn.L1Loss()(x - ups[t](torch.relu(downs[t](x))), target)
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                optimizer.step()
+    for t in range(n_tasks):
+        torch.testing.assert_close(module.down[t], downs[t].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(module.up[t], ups[t].weight, rtol=1e-5, atol=1e-6)
+    # the stale momentum moved the other tasks' modules: not what independent Adams give
+    independent, _ = train(merged, individual, rank=rank, lr=lr, steps=steps, batch_size=batch, seed=0)
+    assert not torch.allclose(independent.up, module.up, atol=1e-4)
+
+
+def test_the_shared_optimisers_rows_reshuffle_at_every_turn_of_a_task():
+    from pipeline.surgery.training import VISIT, visit_plan
+
+    rows = visit_plan([10, 7], batch_size=2, steps=3 * VISIT, seed=0)
+    for t, n in enumerate((10, 7)):
+        turns = rows[:, t].reshape(3, VISIT * 2)
+        assert all(len(set(turn.tolist())) == VISIT * 2 and max(turn.tolist()) < n for turn in turns)
+        assert len({tuple(turn.tolist()) for turn in turns}) == 3

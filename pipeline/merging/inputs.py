@@ -31,6 +31,8 @@ class MergeInputs:
     # other splits, per task (None: the task has no such split); filled lazily by `_open`
     _splits: dict[str, list[Any | None]] = field(default_factory=dict)
     _open: Callable[[str, str], Any | None] | None = None  # (task name, split) -> dataset or None
+    # entries of the text-side tensors the reference's flattened state dict holds (zero task vectors)
+    _reference_text_entries: int | None = None
 
     @functools.cached_property
     def vectors(self) -> list[StateDict]:
@@ -42,6 +44,13 @@ class MergeInputs:
             raise PipelineError(f"merge method {self.method!r} uses {what} but does not declare it: add "
                                 f"needs=({what!r},) to its @merge_method registration")
         return value
+
+    @property
+    def reference_text_entries(self) -> int:
+        if self._reference_text_entries is None:
+            raise PipelineError(f"merge method {self.method!r}: the pretrained CLIP's architecture is unknown here, "
+                                "so the reference's text-side entries cannot be counted")
+        return self._reference_text_entries
 
     @property
     def heads(self) -> list[torch.Tensor]:
@@ -109,7 +118,8 @@ def load_inputs(method, tasks: list[str], *, device: torch.device, progress: Cal
     finetuned = [load_state(workspace.finetuned_checkpoint(t), like=pretrained,
                             hint="Run `repsurgery prepare-finetuned` to create it.") for t in tasks]
     inputs = MergeInputs(method.name, list(tasks), pretrained, finetuned, encoder=encoder, progress=progress,
-                         device=device if "device" in method.needs else torch.device("cpu"))
+                         device=device if "device" in method.needs else torch.device("cpu"),
+                         _reference_text_entries=clip.reference_text_entries(clip.read_spec(workspace.PRETRAINED)))
     if "heads" in method.needs:
         heads = load_heads(workspace.HEADS, tasks)
         inputs._heads = [heads[t] for t in tasks]

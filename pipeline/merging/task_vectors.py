@@ -37,10 +37,13 @@ def unflatten(row: torch.Tensor, like: StateDict) -> StateDict:
     return out
 
 
-def trim(flat: torch.Tensor, k: float) -> torch.Tensor:
+def trim(flat: torch.Tensor, k: float, zeros: int = 0) -> torch.Tensor:
     """Keep the top-k% magnitudes of each row with ONE threshold per row (the reference's
-    kthvalue(D - int(D * k%)) of the magnitudes); the rest become zero."""
-    rank = flat.shape[1] - int(flat.shape[1] * k / 100)
+    kthvalue(D - int(D * k%)) of the magnitudes); the rest become zero. `zeros`: entries the
+    row also holds, all zero, without storing them (the text-side tensors the reference code
+    flattens with the image encoder): they count in D, so a larger share of the rest is kept."""
+    total = flat.shape[1] + zeros
+    rank = total - int(total * k / 100) - zeros  # the zeros are the smallest magnitudes
     if rank < 1:
         return flat
     threshold = flat.abs().kthvalue(rank, dim=1, keepdim=True).values
@@ -66,10 +69,11 @@ def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, mean: bool = False
     return merged / agree.sum(0).clamp(min=1) if mean else merged
 
 
-def ties_vectors(vectors: list[StateDict], k: float) -> list[StateDict]:
+def ties_vectors(vectors: list[StateDict], k: float, zeros: int = 0) -> list[StateDict]:
     """Ties-Merging's processed task vectors, one per task: trimmed to the top-k% (one global
-    threshold per task), then only the entries that agree with the elected sign. Their sum is
-    Ties-Merging's disjoint sum; AdaMerging++ weights them with learned coefficients."""
-    trimmed = trim(flatten(vectors), k)
+    threshold per task; `zeros` as in `trim`), then only the entries that agree with the elected
+    sign. Their sum is Ties-Merging's disjoint sum; AdaMerging++ weights them with learned
+    coefficients."""
+    trimmed = trim(flatten(vectors), k, zeros)
     kept = trimmed * agreeing(trimmed, elect_sign(trimmed))
     return [{key: t.to(vectors[0][key].dtype) for key, t in unflatten(row, vectors[0]).items()} for row in kept]

@@ -27,10 +27,13 @@ def read_spec(model_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def build_clip(spec: dict) -> open_clip.CLIP:
-    if "model_cfg" in spec:
-        return open_clip.CLIP(**spec["model_cfg"])
-    return open_clip.create_model(spec["arch"], pretrained=None, force_quick_gelu=spec.get("quick_gelu", False))
+def build_clip(spec: dict, device: str = "cpu") -> open_clip.CLIP:
+    """A randomly initialised CLIP of the spec's architecture (`device="meta"`: shapes only, at once)."""
+    with torch.device(device):
+        if "model_cfg" in spec:
+            return open_clip.CLIP(**spec["model_cfg"])
+        return open_clip.create_model(spec["arch"], pretrained=None, force_quick_gelu=spec.get("quick_gelu", False),
+                                      device=device)
 
 
 def spec_from_open_clip(arch: str | None = None, config: dict | None = None, tag: str | None = None) -> dict:
@@ -45,7 +48,7 @@ def spec_from_open_clip(arch: str | None = None, config: dict | None = None, tag
     spec = {"arch": arch} if arch else {"model_cfg": config}
     if pretrained_cfg.get("quick_gelu") and arch and not arch.endswith("quickgelu"):
         spec["quick_gelu"] = True
-    image_size = build_clip(spec).visual.image_size
+    image_size = build_clip(spec, device="meta").visual.image_size
     spec["preprocess"] = {
         "image_size": image_size[0] if isinstance(image_size, (tuple, list)) else image_size,
         "mean": list(pretrained_cfg.get("mean", OPENAI_MEAN)), "std": list(pretrained_cfg.get("std", OPENAI_STD)),
@@ -53,6 +56,18 @@ def spec_from_open_clip(arch: str | None = None, config: dict | None = None, tag
         "resize_mode": pretrained_cfg.get("resize_mode", "shortest"),
     }
     return spec
+
+
+# What the reference code's ImageEncoder keeps of the text side (open_clip's CLIP with only its
+# text transformer deleted): tensors whose task vectors are zero, which its Ties-Merging trim counts.
+REFERENCE_TEXT_TENSORS = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
+                          "text_projection", "logit_scale")
+
+
+def reference_text_entries(spec: dict) -> int:
+    """How many entries those text-side tensors hold for this architecture (no weights built)."""
+    state = build_clip(spec, device="meta").state_dict()
+    return sum(state[key].numel() for key in REFERENCE_TEXT_TENSORS)
 
 
 def load_clip(model_dir: Path) -> tuple[open_clip.CLIP, dict]:

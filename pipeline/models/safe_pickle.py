@@ -6,10 +6,17 @@ also run whatever the pickle names. Here every class or function a pickle refers
 replaced by an inert placeholder that only records its arguments and state, except the
 few torch functions that rebuild tensors. What comes out is a tree of placeholders whose
 `_parameters`/`_buffers`/`_modules` are walked into an ordinary state dict.
+
+Some files of that release are plain pickles (`pickle.dump` of the module, not `torch.save`),
+whose storages pickle as `torch.storage._load_from_bytes(<a torch.save of the storage>)` and
+whose bytes (protocol 2) as `_codecs.encode(str, "latin1")`: those two are replaced by
+equivalents that read the bytes through this same restricted unpickler.
 """
 from __future__ import annotations
 
+import codecs
 import collections
+import io
 import pickle
 import types
 from pathlib import Path
@@ -47,8 +54,26 @@ def _placeholder(module: str, name: str) -> type:
     return type(name, (Placeholder,), {"_origin": f"{module}.{name}", "__module__": "pipeline.safe_pickle"})
 
 
+def _storage_from_bytes(data: bytes):
+    """`torch.storage._load_from_bytes`, through the restricted unpickler."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=restricted)
+
+
+def _encode(text: str, encoding: str = "utf-8") -> bytes:
+    """`_codecs.encode`, the way protocol-2 pickles spell bytes; text codecs only."""
+    if codecs.lookup(encoding).name not in ("latin-1", "iso8859-1", "utf-8", "ascii"):
+        raise pickle.UnpicklingError(f"refusing codec {encoding!r} in a pickle")
+    return codecs.encode(text, encoding)
+
+
+_SAFE_EQUIVALENTS = {("torch.storage", "_load_from_bytes"): _storage_from_bytes, ("_codecs", "encode"): _encode}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        module = "builtins" if module == "__builtin__" else module  # protocol-2 pickles name Python 2's module
+        if (module, name) in _SAFE_EQUIVALENTS:
+            return _SAFE_EQUIVALENTS[(module, name)]
         if (module, name) in _TENSOR_REBUILDERS:
             return getattr(__import__(module, fromlist=[name]), name)
         if module == "torch" and name in _DTYPES:
@@ -64,9 +89,16 @@ restricted = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=lambda f
 
 
 def load(path: Path):
-    """Unpickle a torch file with every non-tensor class replaced by a placeholder."""
+    """Unpickle a torch file (or a plain pickle of a module) with every non-tensor class
+    replaced by a placeholder."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted)
+        except RuntimeError as exc:
+            if "magic number" not in str(exc):
+                raise
+        with open(path, "rb") as f:  # not torch.save's format: a plain pickle
+            return _RestrictedUnpickler(f).load()
     except Exception as exc:
         raise PipelineError(f"cannot read {path} as a pickled PyTorch file ({type(exc).__name__}: {exc})") from exc
 

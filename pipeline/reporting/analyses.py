@@ -20,7 +20,7 @@ import torch
 
 from cache.files import sha256_file
 from pipeline import workspace
-from pipeline.config import Params
+from pipeline.config import Params, Surgery
 from pipeline.errors import PipelineError
 from pipeline.features.stores import read_features, read_labels
 from pipeline.models.checkpoints import load_heads
@@ -30,7 +30,7 @@ from pipeline.surgery import sweeps
 OUT = workspace.ANALYSES
 ANALYSES = ("baselines", "rank", "loss", "data-ratio", "online", "curve", "bias", "tsne")
 LOSS_NAMES = {"l1": "L1", "mse": "MSE", "smooth_l1": "SmoothL1", "cosine": "Neg. cosine"}
-SURGERY_KEYS = ("rank", "lr", "steps", "batch_size", "loss", "seed")
+SURGERY_KEYS = tuple(Surgery.model_fields)
 
 
 class Context:

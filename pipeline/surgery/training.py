@@ -4,6 +4,11 @@ Trained only on cached features: the merged encoder's feature z and the task's i
 encoder feature as a constant target, unlabeled test images, Adam. The tasks' adapters are
 independent, so all tasks are trained at once as one batched (T, ...) problem: Adam is
 elementwise, so one optimiser over the stacked weights equals one optimiser per task.
+
+`optimiser: shared` trains as the authors' code ran (and their published "+ Surgery" rows
+used): tasks take turns, two batches each per iteration, with ONE Adam over every task's
+module whose `zero_grad` (torch 1.8) left zero gradients rather than none, so each step also
+moved the other tasks' modules with their stale momentum and decayed their second moments.
 """
 from __future__ import annotations
 
@@ -48,9 +53,55 @@ def plan(sizes: list[int], batch_size: int, steps: int, seed: int) -> torch.Tens
     return batch_indices(sizes, batch_size, steps, seed + 1)
 
 
+VISIT = 2  # batches a task takes per turn in the reference's loop (`if i > 0: break`)
+
+
+def visit_plan(sizes: list[int], batch_size: int, steps: int, seed: int) -> torch.Tensor:
+    """The (steps, T, B) rows of the reference's loop: every turn of a task reshuffles its
+    rows (a new shuffled DataLoader) and takes the first VISIT batches."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    out = torch.empty(steps, len(sizes), batch_size, dtype=torch.long)
+    for turn in range(math.ceil(steps / VISIT)):
+        for t, n in enumerate(sizes):
+            rows = torch.randperm(n, generator=generator)[:VISIT * batch_size].view(VISIT, batch_size)
+            take = min(VISIT, steps - turn * VISIT)
+            out[turn * VISIT:turn * VISIT + take, t] = rows[:take]
+    return out
+
+
+class SharedAdam:
+    """One torch 1.8 Adam over every lane's weights (lanes along dim 0), after
+    `zero_grad()`: a lane with no gradient yet is skipped, as a parameter whose .grad is None;
+    once it has had one, every step updates it, with a zero gradient when another lane is the
+    one being trained, each lane counting its own steps."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        lanes = len(params[0])
+        self.count = torch.zeros(lanes, dtype=torch.float64, device=params[0].device)
+        self.seen = torch.zeros(lanes, dtype=torch.bool, device=params[0].device)
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor) -> None:
+        """`active`: the lanes the last backward reached; the other lanes' gradients are zero.
+        A lane never reached keeps m = v = 0, so its update is exactly zero."""
+        (b1, b2), self.seen = self.betas, self.seen | active
+        self.count += self.seen
+        steps = self.count.clamp(min=1)
+        for p, m, v in zip(self.params, self.m, self.v):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (v.sqrt() / (1 - b2 ** steps).sqrt().to(p.dtype).view(shape)).add_(self.eps)
+            p.sub_((self.lr / (1 - b1 ** steps)).to(p.dtype).view(shape) * m / denom)
+            p.grad = None
+
+
 def fit(fetch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *, n_tasks: int, dim: int, rank: int,
         lr: float, steps: int, loss: str = "l1", seed: int = 0, device: torch.device | str = "cpu",
-        copies: int = 1, progress: Callable = lambda it: it,
+        copies: int = 1, optimiser: str = "per_task", progress: Callable = lambda it: it,
         on_step: Callable[[int, Surgery], None] | None = None) -> tuple[Surgery, list[list[float]]]:
     """Train adapters on the (copies * T, B, d) feature pairs `fetch(step)` returns: from cached
     stores (`train`), or from running the encoders on images (the reference way, which the
@@ -59,6 +110,9 @@ def fit(fetch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *, n_tasks: i
     mean loss over its T lanes at every step."""
     criterion = loss_fn(loss)
     module = Surgery(n_tasks, dim, rank, seed, copies).to(device)
+    if optimiser == "shared":
+        return _fit_shared(module, fetch, criterion, n_tasks=n_tasks, lr=lr, steps=steps, copies=copies,
+                           progress=progress, on_step=on_step)
     optimiser = torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.999))
     curve = []
     for step in progress(range(steps)):
@@ -73,11 +127,37 @@ def fit(fetch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *, n_tasks: i
     return module.cpu(), torch.stack(curve, 1).tolist()
 
 
+def _fit_shared(module: Surgery, fetch, criterion, *, n_tasks: int, lr: float, steps: int, copies: int, progress,
+                on_step) -> tuple[Surgery, list[list[float]]]:
+    """The reference's loop: per turn, each task in order takes VISIT steps, and every step is
+    one SharedAdam step over all lanes. Each copy (merge method) is still its own problem: its
+    lanes are stepped exactly as if it were trained alone."""
+    adam = SharedAdam([module.down, module.up], lr)
+    lane_task = torch.arange(len(module.down), device=module.down.device) % n_tasks
+    losses = torch.zeros(copies, steps)
+    turns = math.ceil(steps / VISIT)
+    for turn in progress(range(turns)):
+        for t in range(n_tasks):
+            active = lane_task == t
+            for step in range(turn * VISIT, min((turn + 1) * VISIT, steps)):
+                z, target = fetch(step)
+                z, target = z[active], target[active]
+                out = z - torch.bmm(F.relu(torch.bmm(z, module.down[active].transpose(1, 2))),
+                                    module.up[active].transpose(1, 2))
+                lanes = criterion(out, target)
+                lanes.sum().backward()
+                adam.step(active)
+                losses[:, step] += lanes.detach().cpu() / n_tasks
+        if on_step is not None:
+            on_step(min((turn + 1) * VISIT, steps), module)
+    return module.cpu(), losses.tolist()
+
+
 Features = list[torch.Tensor]  # (N_t, d) per task
 
 
 def train_groups(merged_sets: list[Features], individual: Features, *, rank: int, lr: float, steps: int, batch_size: int,
-                 loss: str = "l1", seed: int = 0, device: torch.device | str = "cpu",
+                 loss: str = "l1", seed: int = 0, optimiser: str = "per_task", device: torch.device | str = "cpu",
                  progress: Callable = lambda it: it, on_step: Callable[[int, list[Surgery]], None] | None = None
                  ) -> list[tuple[Surgery, list[float]]]:
     """Train several independent sets of adapters (one per merge method: its merged features)
@@ -88,7 +168,7 @@ def train_groups(merged_sets: list[Features], individual: Features, *, rank: int
         if len(merged) != len(individual) or any(m.shape != i.shape for m, i in zip(merged, individual)):
             raise PipelineError("merged and individual features must have the same shape for every task")
     loss_fn(loss)  # an unknown loss is refused before any work
-    index = plan(sizes, batch_size, steps, seed).to(device)
+    index = (visit_plan if optimiser == "shared" else plan)(sizes, batch_size, steps, seed).to(device)
     # Every lane's rows gathered by one indexing op per step: the merged features of all sets
     # and tasks in one flat table (lane l = set g, task t), the shared targets in another.
     merged = torch.cat([m.to(device, torch.float32) for features in merged_sets for m in features])
@@ -106,7 +186,8 @@ def train_groups(merged_sets: list[Features], individual: Features, *, rank: int
 
     hook = None if on_step is None else (lambda step, module: on_step(step, module.split(len(merged_sets))))
     module, curves = fit(fetch, n_tasks=len(sizes), dim=merged.shape[1], rank=rank, lr=lr, steps=steps, loss=loss,
-                        seed=seed, device=device, copies=len(merged_sets), progress=progress, on_step=hook)
+                        seed=seed, device=device, copies=len(merged_sets), optimiser=optimiser, progress=progress,
+                        on_step=hook)
     return list(zip(module.split(len(merged_sets)), curves))
 
 
