@@ -5,6 +5,7 @@ Traditional MTL)."""
 from __future__ import annotations
 
 import torch
+import typer
 
 from cache.files import write_text
 from pipeline import workspace
@@ -34,6 +35,7 @@ def evaluate(params: Params) -> dict:
 
     baselines = ["pretrained", "individual"] + (["mtl"] if params.is_world else [])  # Traditional MTL: world only
     results = {b: {"acc": _with_avg({t: acc(features(open_features(b, t)), t) for t in names})} for b in baselines}
+    flag_near_chance(results, {t: len(heads[t]) for t in names})
     for key in progress(params.methods, desc="evaluate", unit="method"):
         surgery = load_surgery(key, names)
         out = {"acc": {}, "surgery_acc": {}, "bias": {}, "surgery_bias": {}}
@@ -54,6 +56,26 @@ def evaluate(params: Params) -> dict:
     print(f"metrics written to {workspace.METRICS} (per task), {workspace.SUMMARY} (averages) and "
           f"{workspace.ACCURACY_TABLE}")
     return results
+
+
+CHECKS = {  # what a baseline near chance on a task points to
+    "individual": "check that task's test split (label order, class names) and its fine-tuned checkpoint: "
+                  "a label-order or loader mismatch shows this way",
+    "pretrained": "the zero-shot head cannot read that task (class names, templates, or images unlike any "
+                  "the pretrained model saw)",
+}
+
+
+def flag_near_chance(results: dict, classes: dict[str, int]) -> None:
+    """Record (metrics.json: `near_chance`, task -> chance %) and say loudly which tasks the
+    individual or zero-shot encoders get at about chance."""
+    for encoder, check in CHECKS.items():
+        flagged = metrics.near_chance(results[encoder]["acc"], classes)
+        if flagged:
+            results[encoder]["near_chance"] = flagged
+        for task, chance in flagged.items():
+            typer.secho(f"WARNING: {encoder} accuracy on {task} is {results[encoder]['acc'][task]:.1f} %, near "
+                        f"chance ({chance:.1f} %): {check}", fg=typer.colors.YELLOW, err=True)
 
 
 def accuracy_table(results: dict, names: list[str], labels: dict[str, str]) -> str:

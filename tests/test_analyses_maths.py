@@ -126,3 +126,19 @@ def test_tsne_sample_is_seeded_and_embeds_both_sets():
     assert a.shape == b.shape == (30, 2)
     with pytest.raises(PipelineError, match="perplexity"):
         tsne.embed(np.zeros((3, 2)), np.zeros((3, 2)), perplexity=10, seed=0)
+
+
+def test_a_label_order_mismatch_puts_a_perfect_encoder_near_chance_and_is_flagged():
+    from pipeline.reporting import metrics
+
+    classes = 10
+    labels = np.arange(400) % classes
+    head = torch.eye(classes) * 100  # the head reads class c off feature dimension c
+    features = torch.nn.functional.one_hot(torch.as_tensor(labels), classes).float() + 0.01
+    right = metrics.accuracy(features, head, labels)
+    wrong = metrics.accuracy(features, head, (labels + 3) % classes)  # the same images, another label order
+    assert right == 100.0 and wrong == 0.0
+    flagged = metrics.near_chance({"ok": right, "shuffled": wrong, "edge": 18.9, "above": 19.1},
+                                  {"ok": classes, "shuffled": classes, "edge": classes, "above": classes})
+    assert flagged == {"shuffled": 10.0, "edge": 10.0}  # chance + 10 % of the way to 100: 19 %
+    assert metrics.near_chance({"sun397": 2.0}, {"sun397": 397}) == {"sun397": 0.25}

@@ -29,6 +29,27 @@ def test_repro_writes_metrics_for_every_method_and_task(world):
                        for key, figures in metrics.items()}
 
 
+def test_tasks_the_individual_or_zero_shot_encoders_get_at_chance_are_flagged_loudly(world, tmp_path):
+    """The tiny world's encoders are barely trained, so some are near chance: each such task is
+    recorded in metrics.json (with its chance level) and said on the terminal, never averaged."""
+    from safetensors.torch import load_file as load_heads
+
+    from pipeline.reporting.metrics import near_chance
+
+    project = copy_project(world, tmp_path / "copy")
+    done = cli(project, "evaluate", check=True)
+    results = json.loads((project / "results" / "metrics.json").read_text())
+    classes = {t: len(h) for t, h in load_heads(str(project / "models" / "heads.safetensors")).items()}
+    for encoder in ("individual", "pretrained"):
+        expected = near_chance(results[encoder]["acc"], {t: classes[t] for t in TINY["tasks"]})
+        assert results[encoder].get("near_chance", {}) == expected
+        for task in expected:
+            assert f"WARNING: {encoder} accuracy on {task} is" in done.stderr
+    assert any(results[e].get("near_chance") for e in ("individual", "pretrained"))  # the tiny world has some
+    summary = json.loads((project / "results" / "summary.json").read_text())
+    assert summary["individual"] == {"acc": results["individual"]["acc"]["avg"]}
+
+
 def test_accuracy_table_lists_baselines_then_every_entry_then_every_entry_with_surgery(world):
     from pipeline.config import validate
 

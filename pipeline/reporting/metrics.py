@@ -17,6 +17,21 @@ def accuracy(features: torch.Tensor, head: torch.Tensor, labels: np.ndarray, bat
     return 100.0 * correct / len(features)
 
 
+NEAR_CHANCE = 0.1  # within this share of the way from chance (100 / classes) to 100 %
+
+
+def near_chance(accuracy: dict[str, float], classes: dict[str, int]) -> dict[str, float]:
+    """The tasks whose accuracy is near chance, each with its chance level (%). For a fine-tuned
+    encoder on its own task, that is how a label-order or loader mismatch shows (FusionBench
+    once shipped such a config silently); for zero-shot, a task the text tower cannot read."""
+    out = {}
+    for task, n in classes.items():
+        chance = 100.0 / n
+        if accuracy[task] < chance + NEAR_CHANCE * (100.0 - chance):
+            out[task] = round(chance, 2)
+    return out
+
+
 def bias(merged, individual) -> float:
     """Eq. 1: (1 / (k N)) * ||Z_merged - Z_individual||_1, streamed over the stores' chunks."""
     return mean_abs_diff(merged, individual)
@@ -36,4 +51,5 @@ def summary(results: dict) -> dict:
     """metrics.json's averages only (entry -> figure -> its `avg`): one column per figure and
     entry, so `dvc exp show` and `dvc metrics diff` stay readable; per-task figures stay in
     metrics.json."""
-    return {key: {name: values["avg"] for name, values in figures.items()} for key, figures in results.items()}
+    return {key: {name: values["avg"] for name, values in figures.items() if "avg" in values}
+            for key, figures in results.items()}
