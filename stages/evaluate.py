@@ -35,7 +35,6 @@ def evaluate(params: Params) -> dict:
 
     baselines = ["pretrained", "individual"] + (["mtl"] if params.is_world else [])  # Traditional MTL: world only
     results = {b: {"acc": _with_avg({t: acc(features(open_features(b, t)), t) for t in names})} for b in baselines}
-    flag_near_chance(results, {t: len(heads[t]) for t in names})
     for key in progress(params.methods, desc="evaluate", unit="method"):
         surgery = load_surgery(key, names)
         out = {"acc": {}, "surgery_acc": {}, "bias": {}, "surgery_bias": {}}
@@ -48,6 +47,7 @@ def evaluate(params: Params) -> dict:
             out["bias"][task] = metrics.bias(store, individual[task])
             out["surgery_bias"][task] = metrics.bias(metrics.adapted(store, surgery, i), individual[task])
         results[key] = {k: _with_avg(v) for k, v in out.items()}
+    flag_near_chance(results, {t: len(heads[t]) for t in names})  # once everything is in: no noise before an error
     workspace.write_json(workspace.METRICS, results)
     workspace.write_json(workspace.SUMMARY, metrics.summary(results))
     table = accuracy_table(results, names, params.labels())
