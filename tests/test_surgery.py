@@ -123,3 +123,5 @@ def test_the_shared_optimisers_rows_reshuffle_at_every_turn_of_a_task():
         turns = rows[:, t].reshape(3, VISIT * 2)
         assert all(len(set(turn.tolist())) == VISIT * 2 and max(turn.tolist()) < n for turn in turns)
         assert len({tuple(turn.tolist()) for turn in turns}) == 3
+    few = visit_plan([3], batch_size=2, steps=VISIT, seed=0)[:, 0].flatten().tolist()  # fewer rows than a turn
+    assert sorted(few[:3]) == [0, 1, 2] and len(few) == VISIT * 2

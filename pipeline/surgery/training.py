@@ -58,12 +58,15 @@ VISIT = 2  # batches a task takes per turn in the reference's loop (`if i > 0: b
 
 def visit_plan(sizes: list[int], batch_size: int, steps: int, seed: int) -> torch.Tensor:
     """The (steps, T, B) rows of the reference's loop: every turn of a task reshuffles its
-    rows (a new shuffled DataLoader) and takes the first VISIT batches."""
+    rows (a new shuffled DataLoader) and takes the first VISIT batches (a task with fewer rows
+    than that, e.g. at a small data ratio, continues into another shuffle: batches stay full)."""
     generator = torch.Generator().manual_seed(seed + 1)
     out = torch.empty(steps, len(sizes), batch_size, dtype=torch.long)
+    need = VISIT * batch_size
     for turn in range(math.ceil(steps / VISIT)):
         for t, n in enumerate(sizes):
-            rows = torch.randperm(n, generator=generator)[:VISIT * batch_size].view(VISIT, batch_size)
+            shuffles = [torch.randperm(n, generator=generator) for _ in range(math.ceil(need / n))]
+            rows = torch.cat(shuffles)[:need].view(VISIT, batch_size)
             take = min(VISIT, steps - turn * VISIT)
             out[turn * VISIT:turn * VISIT + take, t] = rows[:take]
     return out
