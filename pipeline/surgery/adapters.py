@@ -45,11 +45,13 @@ class Surgery(torch.nn.Module):
         n = len(self.down) // copies
         return [self.cpu().select(slice(g * n, (g + 1) * n)) for g in range(copies)]
 
-    def forward(self, z: torch.Tensor, task: int | None = None) -> torch.Tensor:
-        """z: (T, B, d) for all tasks at once, or (B, d) with `task` given."""
+    def forward(self, z: torch.Tensor, task: int | None = None, lanes: torch.Tensor | None = None) -> torch.Tensor:
+        """z: (T, B, d) for all tasks at once, (B, d) with `task` given, or (L, B, d) for the
+        lanes `lanes` selects (gradients reach only those)."""
         if task is not None:
             return z - F.relu(z @ self.down[task].T) @ self.up[task].T
-        return z - torch.bmm(F.relu(torch.bmm(z, self.down.transpose(1, 2))), self.up.transpose(1, 2))
+        down, up = (self.down, self.up) if lanes is None else (self.down[lanes], self.up[lanes])
+        return z - torch.bmm(F.relu(torch.bmm(z, down.transpose(1, 2))), up.transpose(1, 2))
 
 
 

@@ -42,10 +42,13 @@ def batch_indices(sizes: list[int], batch_size: int, steps: int, seed: int) -> t
     generator = torch.Generator().manual_seed(seed)
     out = torch.empty(steps, len(sizes), batch_size, dtype=torch.long)
     for t, n in enumerate(sizes):
-        need = steps * batch_size
-        perms = [torch.randperm(n, generator=generator) for _ in range(math.ceil(need / n))]
-        out[:, t] = torch.cat(perms)[:need].view(steps, batch_size)
+        out[:, t] = _reshuffled(n, steps * batch_size, generator).view(steps, batch_size)
     return out
+
+
+def _reshuffled(n: int, need: int, generator: torch.Generator) -> torch.Tensor:
+    """`need` row indices in [0, n): one shuffle after another (epochs), cut at `need`."""
+    return torch.cat([torch.randperm(n, generator=generator) for _ in range(math.ceil(need / n))])[:need]
 
 
 def plan(sizes: list[int], batch_size: int, steps: int, seed: int) -> torch.Tensor:
@@ -62,11 +65,9 @@ def visit_plan(sizes: list[int], batch_size: int, steps: int, seed: int) -> torc
     than that, e.g. at a small data ratio, continues into another shuffle: batches stay full)."""
     generator = torch.Generator().manual_seed(seed + 1)
     out = torch.empty(steps, len(sizes), batch_size, dtype=torch.long)
-    need = VISIT * batch_size
     for turn in range(math.ceil(steps / VISIT)):
         for t, n in enumerate(sizes):
-            shuffles = [torch.randperm(n, generator=generator) for _ in range(math.ceil(need / n))]
-            rows = torch.cat(shuffles)[:need].view(VISIT, batch_size)
+            rows = _reshuffled(n, VISIT * batch_size, generator).view(VISIT, batch_size)
             take = min(VISIT, steps - turn * VISIT)
             out[turn * VISIT:turn * VISIT + take, t] = rows[:take]
     return out
@@ -82,16 +83,14 @@ class SharedAdam:
         self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
-        lanes = len(params[0])
-        self.count = torch.zeros(lanes, dtype=torch.float64, device=params[0].device)
-        self.seen = torch.zeros(lanes, dtype=torch.bool, device=params[0].device)
+        self.count = torch.zeros(len(params[0]), dtype=torch.float64, device=params[0].device)  # steps per lane
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
         """`active`: the lanes the last backward reached; the other lanes' gradients are zero.
         A lane never reached keeps m = v = 0, so its update is exactly zero."""
-        (b1, b2), self.seen = self.betas, self.seen | active
-        self.count += self.seen
+        b1, b2 = self.betas
+        self.count += (self.count > 0) | active
         steps = self.count.clamp(min=1)
         for p, m, v in zip(self.params, self.m, self.v):
             shape = (-1,) + (1,) * (p.dim() - 1)
@@ -144,10 +143,7 @@ def _fit_shared(module: Surgery, fetch, criterion, *, n_tasks: int, lr: float, s
             active = lane_task == t
             for step in range(turn * VISIT, min((turn + 1) * VISIT, steps)):
                 z, target = fetch(step)
-                z, target = z[active], target[active]
-                out = z - torch.bmm(F.relu(torch.bmm(z, module.down[active].transpose(1, 2))),
-                                    module.up[active].transpose(1, 2))
-                lanes = criterion(out, target)
+                lanes = criterion(module(z[active], lanes=active), target[active])
                 lanes.sum().backward()
                 adam.step(active)
                 losses[:, step] += lanes.detach().cpu() / n_tasks
