@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pipeline.errors import PipelineError
+from pipeline.reporting.published import OWN, families
 
 LOSSES = ("l1", "mse", "smooth_l1", "cosine")  # surgery losses (pipeline.surgery.training.loss_fn)
 
@@ -162,6 +163,7 @@ class PretrainedSource(Section):
 
 
 class Source(Section):
+    family: Literal[tuple(families())] = OWN  # whose published figures the run is compared with
     cache: str = "~/.cache/repsurgery"
     pretrained: PretrainedSource
     finetuned: dict[str, str]

@@ -151,12 +151,17 @@ def convert(src: Path = typer.Argument(..., help="checkpoint file or Hugging Fac
 
 @app.command()
 @_stage
-def preset(name: str = typer.Argument(..., help="world | paper-vit-b-32 | paper-vit-b-16 | paper-vit-l-14"),
+def preset(name: str = typer.Argument(..., help="world | paper-vit-b-32 | paper-vit-b-16 | paper-vit-l-14 "
+                                                 "(FusionBench's Hub fine-tunes) | paper-ta-vit-b-32 | paper-ta-vit-b-16 | "
+                                                 "paper-ta-vit-l-14 (the Task Arithmetic release, local)"),
+           checkpoints: str = typer.Option(None, "--checkpoints", help="paper-ta-*: the release's folder for this "
+                                           "architecture, holding <Dataset>/finetuned.pt (default checkpoints/ViT-B-32 "
+                                           "etc., from the project root)"),
            params: Path = ParamsOpt):
     """Write a params preset to params.yaml (the miniature world, or the paper's setting)."""
     from stages.presets import write_preset
 
-    write_preset(name, params)
+    write_preset(name, params, checkpoints)
 
 
 @app.command()

@@ -12,7 +12,7 @@ from pipeline import workspace
 from pipeline.config import Params
 from pipeline.features.stores import open_features, read_labels
 from pipeline.models.checkpoints import load_heads
-from pipeline.reporting import metrics, tables
+from pipeline.reporting import metrics, published, tables
 from pipeline.surgery.adapters import load_surgery
 from stages.common import progress
 
@@ -47,10 +47,15 @@ def evaluate(params: Params) -> dict:
             out["bias"][task] = metrics.bias(store, individual[task])
             out["surgery_bias"][task] = metrics.bias(metrics.adapted(store, surgery, i), individual[task])
         results[key] = {k: _with_avg(v) for k, v in out.items()}
-    flag_near_chance(results, {t: len(heads[t]) for t in names})  # once everything is in: no noise before an error
+    # once everything is in: no noise before an error
+    flag_near_chance(results, {t: len(heads[t]) for t in names})
+    if not params.is_world:
+        compare_with_published(results, params.source.family, params.source.pretrained.arch)
     workspace.write_json(workspace.METRICS, results)
     workspace.write_json(workspace.SUMMARY, metrics.summary(results))
     table = accuracy_table(results, names, params.labels())
+    if not params.is_world:
+        table += f"\nPublished: {published_note(params.source.family, params.source.pretrained.arch)}\n"
     write_text(workspace.ACCURACY_TABLE, table)
     print(table)
     print(f"metrics written to {workspace.METRICS} (per task), {workspace.SUMMARY} (averages) and "
@@ -78,11 +83,48 @@ def flag_near_chance(results: dict, classes: dict[str, int]) -> None:
                         f"chance ({chance:.1f} %): {check}", fg=typer.colors.YELLOW, err=True)
 
 
+def compare_with_published(results: dict, family: str, arch: str | None) -> None:
+    """Record beside each entry the figures published for its key in the run's checkpoint family
+    (`published`: family, architecture, source, acc / surgery_acc), and say loudly where the
+    zero-shot or individual accuracy is far below them."""
+    rows = published.rows(family, arch)
+    for key, figures in results.items():
+        found = {figure: published.comparable(rows[name], figures[figure])
+                 for figure, name in (("acc", key), ("surgery_acc", key + published.SURGERY))
+                 if name in rows and figure in figures}
+        if found:
+            figures["published"] = {**published.describe(family, arch), **found}
+    for encoder, check in CHECKS.items():
+        reference = results[encoder].get("published", {}).get("acc", {})
+        flagged = published.far_below(results[encoder]["acc"], reference)
+        if flagged:
+            results[encoder]["below_published"] = flagged
+        for task, value in flagged.items():
+            typer.secho(f"WARNING: {encoder} accuracy on {task} is {results[encoder]['acc'][task]:.1f} %, far below "
+                        f"the {value:.1f} % published for {family} {published.arch_key(arch)}: {check}",
+                        fg=typer.colors.YELLOW, err=True)
+
+
+def published_note(family: str, arch: str | None) -> str:
+    info = published.describe(family, arch)
+    if not published.rows(family, arch):
+        return (f"no published figures for checkpoint family {family!r} and {info['arch']} "
+                "(params `source.family`)")
+    return f"{family} {info['arch']}: {info['source']}"
+
+
 def accuracy_table(results: dict, names: list[str], labels: dict[str, str]) -> str:
     """The paper's Table 1 layout: the baselines, every merge entry (params order), then every
-    entry with surgery."""
-    rows = [{"method": key, "setting": "", **r["acc"], "bias": r.get("bias", {}).get("avg")}
-            for key, r in results.items()]
+    entry with surgery; the published average of the run's checkpoint family where there is one."""
+    def avg(r: dict, figure: str) -> float | None:
+        return r.get("published", {}).get(figure, {}).get("avg")
+
+    rows = [{"method": key, "setting": "", **r["acc"], "bias": r.get("bias", {}).get("avg"),
+             "published": avg(r, "acc")} for key, r in results.items()]
     rows += [{"method": key, "setting": "", "label": f"{labels[key]} + surgery", **r["surgery_acc"],
-              "bias": r["surgery_bias"]["avg"]} for key, r in results.items() if "surgery_acc" in r]
-    return tables.to_markdown(rows, names, labels, extra={"bias": "bias avg"})
+              "bias": r["surgery_bias"]["avg"], "published": avg(r, "surgery_acc")}
+             for key, r in results.items() if "surgery_acc" in r]
+    extra = {"bias": ("bias avg", 3)}
+    if any(r["published"] is not None for r in rows):
+        extra["published"] = ("published avg", 1)
+    return tables.to_markdown(rows, names, labels, extra=extra)

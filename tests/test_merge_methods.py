@@ -2,6 +2,7 @@
 an independent formulation on tiny hand-checkable examples (CPU, no data on disk)."""
 import copy
 import hashlib
+import json
 
 import numpy as np
 import open_clip
@@ -20,12 +21,13 @@ from pipeline.merging.task_vectors import sum_vectors
 from pipeline.models.checkpoints import save_state
 
 
+TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "width": 16, "layers": 1, "head_width": 8, "patch_size": 8},
+        "text_cfg": {"width": 16, "layers": 1, "heads": 2, "context_length": 8, "vocab_size": 32}}
+
+
 def tiny_encoder(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 16, "width": 16, "layers": 1, "head_width": 8,
-                                                    "patch_size": 8},
-                          text_cfg={"width": 16, "layers": 1, "heads": 2, "context_length": 8,
-                                    "vocab_size": 32}).visual.eval()
+    return open_clip.CLIP(**TINY).visual.eval()
 
 
 def tiny_setup(n_tasks: int = 3, images: int = 6, scale: float = 0.05, seed: int = 0):
@@ -39,11 +41,12 @@ def tiny_setup(n_tasks: int = 3, images: int = 6, scale: float = 0.05, seed: int
     return encoder, pre, fts, heads, datasets
 
 
-def run(name, pre, fts, *, encoder=None, heads=None, datasets=None, splits=None, text_entries=None, **params):
+def run(name, pre, fts, *, encoder=None, heads=None, datasets=None, splits=None, text_entries=None, spec=None,
+        **params):
     """Run a registered method on in-memory inputs, its params validated as params.yaml's are."""
     method = registry.get(name)
     inputs = MergeInputs(name, [f"t{i}" for i in range(len(fts))], pre, fts, encoder=encoder, _heads=heads,
-                         _datasets=datasets, _splits=splits or {}, _reference_text_entries=text_entries)
+                         _datasets=datasets, _splits=splits or {}, _reference_text_entries=text_entries, spec=spec)
     return method.run(inputs, method.params.model_validate(params))
 
 
@@ -223,6 +226,80 @@ def test_adamerging_pp_learns_its_coefficients():
                   lr=0.01, steps=5, batch_size=6, batches_per_task=1)
     assert not np.allclose(learned.info["lambdas"], 0.3)
     assert learned.info["loss_last"] < learned.info["loss_first"]
+
+
+# --- published AdaMerging coefficients ----------------------------------------------------------
+
+def authors_file(path, tables: dict) -> None:
+    """A coefficient file in the authors' layout (src/merging_cofficient.py), with their WA row too."""
+    lines = ["def get_merging_cofficients(method='task_arithmetic', model='ViT-B-32'):",
+             "    avg_weight = 1 / 8", "    if method == 'weight_averaging':", "        ralpha = [[1.0, avg_weight]]"]
+    for (method, model), rows in tables.items():
+        lines += [f"    elif method == '{method}' and model == '{model}':", "        # learned", f"        ralpha = {rows}"]
+    path.write_text("\n".join(lines + ["    return ralpha", ""]))
+
+
+@pytest.mark.parametrize("layer_wise", [False, True])
+def test_published_coefficients_merge_as_the_authors_code_applies_its_table(tmp_path, layer_wise):
+    """Their forward: one row per tensor of the flattened ImageEncoder state dict (text side
+    included, zero task vectors), merged = sum_i row[i] * [theta_0, tau_1, ..., tau_T][i]."""
+    from pipeline.models import clip
+
+    encoder, pre, fts, heads, datasets = tiny_setup()
+    spec = {"model_cfg": TINY}
+    layout = list(clip.reference_layout(spec))
+    g = torch.Generator().manual_seed(3)
+    rows = [[1.0, *torch.rand(len(fts), generator=g).round(decimals=4).tolist()]
+            for _ in range(len(layout) if layer_wise else 1)]
+    table = "lw_adamerging" if layer_wise else "tw_adamerging"
+    authors_file(tmp_path / "merging_cofficient.py", {(table, "Tiny"): rows, ("lw_adamerging", "Other"): rows[:2]})
+    result = run("adamerging", pre, fts, encoder=encoder, heads=heads, datasets=datasets, spec=spec,
+                 layer_wise=layer_wise, coefficients=str(tmp_path / "merging_cofficient.py"),
+                 coefficients_model="Tiny")
+    # the reference's forward, over its own layout (text-side tensors: pretrained only)
+    shapes = {k: v.shape for k, v in clip.build_clip(spec, device="meta").state_dict().items()}
+    reference = {}
+    for i, name in enumerate(layout):
+        key = name.removeprefix("visual.")
+        params = ([pre[key], *[ft[key] - pre[key] for ft in fts]] if name.startswith("visual.")
+                  else [torch.zeros(shapes[name])] * (len(fts) + 1))
+        reference[name] = sum(p * alpha for p, alpha in zip(params, rows[i if layer_wise else 0]))
+    for key in pre:
+        torch.testing.assert_close(result.state[key], reference["visual." + key], rtol=0, atol=1e-6)
+    assert result.info["table"] == table and "loss_first" not in result.info  # nothing learned
+    label = registry.get("adamerging").display(registry.get("adamerging").params(layer_wise=layer_wise,
+                                                                                   coefficients="f"))
+    assert label.endswith("(published coefficients)")
+
+
+def test_a_coefficient_table_that_does_not_fit_is_refused_with_what_is_wrong(tmp_path):
+    encoder, pre, fts, heads, datasets = tiny_setup()
+    spec = {"model_cfg": TINY}
+    path = tmp_path / "merging_cofficient.py"
+    kw = dict(encoder=encoder, heads=heads, datasets=datasets, spec=spec, coefficients=str(path))
+
+    authors_file(path, {("lw_adamerging", "ViT-B-32"): [[1.0, 0.3, 0.3, 0.3]] * 158})
+    with pytest.raises(PipelineError, match="158 rows, expected one per tensor.*another architecture"):
+        run("adamerging", pre, fts, coefficients_model="ViT-B-32", **kw)
+    with pytest.raises(PipelineError, match="no `ralpha` table for method 'tw_adamerging' and model 'ViT-B-32'.*"
+                                            "found: lw_adamerging/ViT-B-32"):
+        run("adamerging", pre, fts, layer_wise=False, coefficients_model="ViT-B-32", **kw)
+    with pytest.raises(PipelineError, match="not a named open_clip architecture.*coefficients_model"):
+        run("adamerging", pre, fts, **kw)
+    authors_file(path, {("tw_adamerging", "Tiny"): [[1.0, 0.3, 0.3]]})
+    with pytest.raises(PipelineError, match="4 numbers for the 3 tasks"):
+        run("adamerging", pre, fts, layer_wise=False, coefficients_model="Tiny", **kw)
+    authors_file(path, {("tw_adamerging", "Tiny"): [[0.5, 0.3, 0.3, 0.3]]})
+    with pytest.raises(PipelineError, match="first column .* must be 1.0"):
+        run("adamerging", pre, fts, layer_wise=False, coefficients_model="Tiny", **kw)
+    from pipeline.models import clip
+
+    names = list(clip.reference_layout(spec))
+    (tmp_path / "t.json").write_text(json.dumps({"names": names[1:] + names[:1], "rows": [[1.0, .3, .3, .3]] * len(names)}))
+    with pytest.raises(PipelineError, match="names differ from the reference layout at row 0"):
+        run("adamerging", pre, fts, **{**kw, "coefficients": str(tmp_path / "t.json")})
+    with pytest.raises(PipelineError, match="does not exist"):
+        run("adamerging", pre, fts, **{**kw, "coefficients": str(tmp_path / "none.py")})
 
 
 # --- Concrete TA / AM ---------------------------------------------------------------------------

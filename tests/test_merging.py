@@ -95,7 +95,12 @@ def test_the_reference_ties_top_20_percent_keeps_the_published_share_of_the_imag
 
     spec = clip.spec_from_open_clip(arch)
     visual = sum(p.numel() for p in clip.build_clip(spec, device="meta").visual.state_dict().values())
-    total = visual + clip.reference_text_entries(spec)
+    layout = clip.reference_layout(spec)
+    assert [k for k in layout if not k.startswith("visual.")] == ["positional_embedding", "text_projection",
+                                                                   "logit_scale", "token_embedding.weight",
+                                                                   "ln_final.weight", "ln_final.bias"]
+    total = sum(layout.values())
+    assert total - visual == MergeInputs("ties_merging", [], {}, [], spec=spec).reference_text_entries
     assert round(100 * int(total * 0.2) / visual, 1) == kept
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import time
 
@@ -172,3 +173,41 @@ def test_fetch_offline_fails_at_once_naming_everything_missing(tmp_path):
     assert time.monotonic() - started < 60
     assert "cannot be reached" in done.stderr and "17 of 17 downloads missing" in done.stderr
     assert "tanganke/clip-vit-base-patch32_stanford-cars" in done.stderr and "by hand" in done.stderr
+
+
+def test_the_task_arithmetic_release_preset_reads_its_folder_layout_offline(project, real_like, tmp_path):
+    """`repsurgery preset paper-ta-* --checkpoints DIR` points every task at DIR/<Dataset>/finetuned.pt
+    (the release's layout, either pickle format) and records the family; the stages read those
+    files through the restricted unpickler, without running their code."""
+    from pipeline.data.catalog import PAPER_TASKS
+    from pipeline.models.checkpoints import load_state, read_metadata
+    from test_convert import task_arithmetic_pickle
+
+    torch.manual_seed(0)
+    visual = open_clip.CLIP(**CONFIG).visual.state_dict()
+    release, sentinel = tmp_path / "ViT-B-32", tmp_path / "sentinel"
+    tasks = {"mnist": (4, False), "svhn": (5, True)}  # seed, written by plain pickle.dump
+    for task, (seed, plain) in tasks.items():
+        (release / PAPER_TASKS[task].release_folder).mkdir(parents=True)
+        task_arithmetic_pickle(release / PAPER_TASKS[task].release_folder / "finetuned.pt", finetuned_from(visual, seed),
+                               sentinel, plain=plain)
+    copy = project.parent / "ta-release"
+    shutil.copytree(project, copy, symlinks=True)
+    cli(copy, "preset", "paper-ta-vit-b-32", "--checkpoints", str(release), "--params", "ta.yaml", check=True)
+    preset = yaml.safe_load((copy / "ta.yaml").read_text())
+    assert preset["source"]["family"] == "task_arithmetic"
+    assert preset["source"]["finetuned"]["cars"] == f"{release}/Cars/finetuned.pt"
+    # the tiny stand-in for OpenAI CLIP and the test splits; the release's files as the preset names them
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["tasks"] = list(tasks)
+    params["source"] = {**real_like["source"], "family": preset["source"]["family"],
+                        "finetuned": {t: preset["source"]["finetuned"][t] for t in tasks}}
+    (copy / "params.yaml").write_text(yaml.safe_dump(params))
+    cli(copy, "check-sources", check=True)
+    cli(copy, "prepare-finetuned", check=True)
+    for task, (seed, _) in tasks.items():
+        path = copy / "models" / "finetuned" / f"{task}.safetensors"
+        state, expected = load_state(path), finetuned_from(visual, seed)
+        assert all(torch.equal(state[k], expected[k]) for k in expected)
+        assert read_metadata(path)["format"] == "pickled-module"
+    assert not sentinel.exists()

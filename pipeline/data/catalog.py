@@ -5,19 +5,26 @@ from __future__ import annotations
 import functools
 import json
 from importlib import resources
+from typing import NamedTuple
 
 from pipeline.errors import PipelineError
 
-# task -> (dataset repo[/subfolder], task name in tanganke/clip-vit-*_<name>, test images)
+class PaperTask(NamedTuple):
+    dataset: str          # the test split's Hub repo[/subfolder]
+    hub_task: str         # the task's name in tanganke/clip-vit-*_<task> model ids
+    test_images: int
+    release_folder: str   # its folder in the Task Arithmetic release (<folder>/finetuned.pt)
+
+
 PAPER_TASKS = {
-    "sun397": ("tanganke/sun397", "sun397", 19887),
-    "cars": ("tanganke/stanford_cars", "stanford-cars", 8041),
-    "resisc45": ("tanganke/resisc45", "resisc45", 6300),
-    "eurosat": ("tanganke/eurosat", "eurosat", 2700),
-    "svhn": ("ufldl-stanford/svhn/cropped_digits", "svhn", 26032),
-    "gtsrb": ("tanganke/gtsrb", "gtsrb", 12630),
-    "mnist": ("ylecun/mnist/mnist", "mnist", 10000),
-    "dtd": ("tanganke/dtd", "dtd", 1880),
+    "sun397": PaperTask("tanganke/sun397", "sun397", 19887, "SUN397"),
+    "cars": PaperTask("tanganke/stanford_cars", "stanford-cars", 8041, "Cars"),
+    "resisc45": PaperTask("tanganke/resisc45", "resisc45", 6300, "RESISC45"),
+    "eurosat": PaperTask("tanganke/eurosat", "eurosat", 2700, "EuroSAT"),
+    "svhn": PaperTask("ufldl-stanford/svhn/cropped_digits", "svhn", 26032, "SVHN"),
+    "gtsrb": PaperTask("tanganke/gtsrb", "gtsrb", 12630, "GTSRB"),
+    "mnist": PaperTask("ylecun/mnist/mnist", "mnist", 10000, "MNIST"),
+    "dtd": PaperTask("tanganke/dtd", "dtd", 1880, "DTD"),
 }
 
 

@@ -31,8 +31,8 @@ class MergeInputs:
     # other splits, per task (None: the task has no such split); filled lazily by `_open`
     _splits: dict[str, list[Any | None]] = field(default_factory=dict)
     _open: Callable[[str, str], Any | None] | None = None  # (task name, split) -> dataset or None
-    # entries of the text-side tensors the reference's flattened state dict holds (zero task vectors)
-    _reference_text_entries: int | None = None
+    spec: dict | None = None  # the pretrained CLIP's spec (pipeline.models.clip): the reference code's layout
+    _reference_text_entries: int | None = None  # given directly where there is no spec (tests)
 
     @functools.cached_property
     def vectors(self) -> list[StateDict]:
@@ -45,11 +45,22 @@ class MergeInputs:
                                 f"needs=({what!r},) to its @merge_method registration")
         return value
 
+    @functools.cached_property
+    def reference_layout(self) -> dict[str, int]:
+        """The reference code's flattened ImageEncoder state dict, in order: name -> entries."""
+        from pipeline.models import clip
+
+        if self.spec is None:
+            raise PipelineError(f"merge method {self.method!r}: the pretrained CLIP's architecture is unknown here, "
+                                "so the reference code's state-dict layout cannot be built")
+        return clip.reference_layout(self.spec)
+
     @property
     def reference_text_entries(self) -> int:
+        """Entries of the text-side tensors that layout holds (their task vectors are zero)."""
         if self._reference_text_entries is None:
-            raise PipelineError(f"merge method {self.method!r}: the pretrained CLIP's architecture is unknown here, "
-                                "so the reference's text-side entries cannot be counted")
+            self._reference_text_entries = sum(n for key, n in self.reference_layout.items()
+                                               if not key.startswith("visual."))
         return self._reference_text_entries
 
     @property
@@ -119,7 +130,7 @@ def load_inputs(method, tasks: list[str], *, device: torch.device, progress: Cal
                             hint="Run `repsurgery prepare-finetuned` to create it.") for t in tasks]
     inputs = MergeInputs(method.name, list(tasks), pretrained, finetuned, encoder=encoder, progress=progress,
                          device=device if "device" in method.needs else torch.device("cpu"),
-                         _reference_text_entries=clip.reference_text_entries(clip.read_spec(workspace.PRETRAINED)))
+                         spec=clip.read_spec(workspace.PRETRAINED))
     if "heads" in method.needs:
         heads = load_heads(workspace.HEADS, tasks)
         inputs._heads = [heads[t] for t in tasks]

@@ -58,16 +58,13 @@ def spec_from_open_clip(arch: str | None = None, config: dict | None = None, tag
     return spec
 
 
-# What the reference code's ImageEncoder keeps of the text side (open_clip's CLIP with only its
-# text transformer deleted): tensors whose task vectors are zero, which its Ties-Merging trim counts.
-REFERENCE_TEXT_TENSORS = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
-                          "text_projection", "logit_scale")
-
-
-def reference_text_entries(spec: dict) -> int:
-    """How many entries those text-side tensors hold for this architecture (no weights built)."""
+def reference_layout(spec: dict) -> dict[str, int]:
+    """The reference code's flattened ImageEncoder state dict (open_clip's CLIP with only its text
+    transformer deleted), in its order: tensor name -> entries (no weights built). Besides the
+    `visual.*` tower it keeps six text-side tensors whose task vectors are zero; its Ties-Merging
+    trim counts them and the AdaMerging authors' coefficient tables have a row for each."""
     state = build_clip(spec, device="meta").state_dict()
-    return sum(state[key].numel() for key in REFERENCE_TEXT_TENSORS)
+    return {key: value.numel() for key, value in state.items() if not key.startswith("transformer.")}
 
 
 def load_clip(model_dir: Path) -> tuple[open_clip.CLIP, dict]:

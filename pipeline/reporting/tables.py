@@ -28,19 +28,20 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def to_markdown(rows: list[dict], names: list[str], labels: dict[str, str], digits: int = 1,
-                extra: dict[str, str] | None = None) -> str:
+                extra: dict[str, tuple[str, int]] | None = None) -> str:
     """Method (with its setting in parentheses) | one column per task | Avg [| extra columns].
 
-    `extra` maps further row keys to their column titles; their cells may be empty (None)."""
+    `extra` maps further row keys to (column title, digits); their cells may be empty (None)."""
     extra = extra or {}
     cols = names + ["avg"]
     lines = ["| method | " + " | ".join("Avg" if c == "avg" else c.capitalize() for c in cols)
-             + "".join(f" | {title}" for title in extra.values()) + " |",
+             + "".join(f" | {title}" for title, _ in extra.values()) + " |",
              "|---" * (len(cols) + len(extra) + 1) + "|"]
     for r in rows:
         name = r.get("label") or label(r["method"], labels)
         name += f" ({r['setting']})" if r["setting"] else ""
-        cells = [f"{r[c]:.{digits}f}" for c in cols] + ["" if r.get(k) is None else f"{r[k]:.3f}" for k in extra]
+        cells = [f"{r[c]:.{digits}f}" for c in cols] + ["" if r.get(k) is None else f"{r[k]:.{d}f}"
+                                                        for k, (_, d) in extra.items()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

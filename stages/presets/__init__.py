@@ -1,7 +1,8 @@
 """Params presets: the miniature world (the default params.yaml) and the paper's setting.
 
-The paper presets are the world preset as written, comments included, with three sections
-replaced: tasks, `source` and the merge entries, whose learned schedules are left to each
+The paper presets (`paper-<arch>`: FusionBench's Hub fine-tunes; `paper-ta-<arch>`: the Task
+Arithmetic release from a local folder) are the world preset as written, comments included,
+with three sections replaced: tasks, `source` (with the checkpoint family) and the merge entries, whose learned schedules are left to each
 method's registered default (the recipe's, where the world runs 100 steps); entries that read
 a file of the miniature world (the Traditional MTL checkpoint) are left out. Nothing here
 imports torch: `repsurgery preset` starts at once.
@@ -20,17 +21,22 @@ from pipeline.data.catalog import PAPER_TASKS
 from pipeline.errors import PipelineError
 from pipeline.merging.registry import SCHEDULES
 
-# preset -> (open_clip architecture, name in tanganke/clip-vit-*_<task> model ids)
-PAPER_MODELS = {
-    "paper-vit-b-32": ("ViT-B-32-quickgelu", "clip-vit-base-patch32"),
-    "paper-vit-b-16": ("ViT-B-16-quickgelu", "clip-vit-base-patch16"),
-    "paper-vit-l-14": ("ViT-L-14-quickgelu", "clip-vit-large-patch14"),
+# architecture -> (open_clip name, name in tanganke/clip-vit-*_<task> model ids, folder of the Task
+# Arithmetic release)
+ARCHS = {
+    "vit-b-32": ("ViT-B-32-quickgelu", "clip-vit-base-patch32", "ViT-B-32"),
+    "vit-b-16": ("ViT-B-16-quickgelu", "clip-vit-base-patch16", "ViT-B-16"),
+    "vit-l-14": ("ViT-L-14-quickgelu", "clip-vit-large-patch14", "ViT-L-14"),
 }
-PRESETS = ("world", *PAPER_MODELS)
+# preset prefix -> the checkpoint family it reads (pipeline/assets/published.json)
+FAMILIES = {"paper": "fusionbench", "paper-ta": "task_arithmetic"}
+PAPER_PRESETS = {f"{prefix}-{arch}": (family, arch) for prefix, family in FAMILIES.items() for arch in ARCHS}
+PRESETS = ("world", *PAPER_PRESETS)
 
 PAPER_HEADER = """\
-# The paper's setting ({name}): OpenAI CLIP {arch}, the eight fine-tuned task encoders and the
-# eight test splits from the Hugging Face Hub. Written by `repsurgery preset {name}`.
+# The paper's setting ({name}): OpenAI CLIP {arch}, the eight test splits from the Hugging Face
+# Hub, and {checkpoints}.
+# Written by `repsurgery preset {name}`.
 # 1. `repsurgery fetch` downloads everything named in `source` into `source.cache` (online, once).
 # 2. `dvc repro` then runs offline (its first stage checks that everything is there before it
 #    replaces anything). Entries of `source.finetuned` / `source.datasets` may also be local
@@ -38,11 +44,18 @@ PAPER_HEADER = """\
 # The sections world, model, pretrain, finetune and mtl are unused with a real source.
 
 """
+CHECKPOINTS = {
+    "fusionbench": "FusionBench's eight fine-tuned task encoders from the Hub (tanganke/clip-vit-*)",
+    "task_arithmetic": "the eight fine-tuned task encoders of the Task Arithmetic release (the\n# checkpoints of the paper's "
+                       "tables), read from a local folder in its layout: {folder}/<Dataset>/finetuned.pt\n# (its "
+                       "zeroshot.pt is not needed: it holds the OpenAI weights open_clip loads)",
+}
 # comments above the sections a paper preset replaces (the rest keep the world preset's)
 PAPER_COMMENTS = {
     "tasks": "# the paper's eight tasks, in its order\n",
     "source": "# where the models and test splits come from: hf://owner/name[/subfolder] (in `cache` after\n"
-              "# `repsurgery fetch`) or local paths\n",
+              "# `repsurgery fetch`) or local paths; `family`: whose published figures evaluate compares the\n"
+              "# run with (pipeline/assets/published.json; own: none)\n",
     "merge": "# the paper's Table 1 methods (`repsurgery list methods`); learned schedules (steps, mask_steps) are\n"
              "# each method's default, the recipe's (`repsurgery list params` shows every value). Data-using merges\n"
              "# read the test splits (`split: auto` finds no train split here): the transductive setting of the\n"
@@ -51,19 +64,31 @@ PAPER_COMMENTS = {
 }
 
 
+def release_folder(name: str) -> str:
+    """Where a Task Arithmetic preset looks for the release by default (its own layout, from the project root)."""
+    return f"checkpoints/{ARCHS[PAPER_PRESETS[name][1]][2]}"
+
+
 def world_text() -> str:
     return resources.files("stages.presets").joinpath("world.yaml").read_text()
 
 
-def paper_params(name: str) -> dict:
-    arch, model_name = PAPER_MODELS[name]
+def paper_params(name: str, checkpoints: str | None = None) -> dict:
+    family, arch_key = PAPER_PRESETS[name]
+    arch, hub_model, _ = ARCHS[arch_key]
     params = yaml.safe_load(world_text())
     params["tasks"] = list(PAPER_TASKS)
+    if family == "fusionbench":
+        finetuned = {t: f"hf://tanganke/{hub_model}_{task.hub_task}" for t, task in PAPER_TASKS.items()}
+    else:
+        folder = checkpoints or release_folder(name)
+        finetuned = {t: f"{folder}/{task.release_folder}/finetuned.pt" for t, task in PAPER_TASKS.items()}
     params["source"] = {
+        "family": family,
         "cache": "~/.cache/repsurgery",
         "pretrained": {"arch": arch, "weights": "openai"},
-        "finetuned": {t: f"hf://tanganke/{model_name}_{hub_task}" for t, (_, hub_task, _) in PAPER_TASKS.items()},
-        "datasets": {t: f"hf://{repo}" for t, (repo, _, _) in PAPER_TASKS.items()},
+        "finetuned": finetuned,
+        "datasets": {t: f"hf://{task.dataset}" for t, task in PAPER_TASKS.items()},
     }
     params["merge"] = {key: {k: v for k, v in entry.items() if k not in SCHEDULES}
                        for key, entry in params["merge"].items()
@@ -83,13 +108,16 @@ def sections(text: str) -> dict[str, str]:
     return out
 
 
-def preset_text(name: str) -> str:
+def preset_text(name: str, checkpoints: str | None = None) -> str:
     if name == "world":
         return world_text()
-    if name not in PAPER_MODELS:
+    if name not in PAPER_PRESETS:
         raise PipelineError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    params = paper_params(name)
-    parts = [PAPER_HEADER.format(name=name, arch=PAPER_MODELS[name][0])]
+    params = paper_params(name, checkpoints)
+    family, arch_key = PAPER_PRESETS[name]
+    folder = checkpoints or release_folder(name) if family == "task_arithmetic" else None
+    parts = [PAPER_HEADER.format(name=name, arch=ARCHS[arch_key][0],
+                                 checkpoints=CHECKPOINTS[family].format(folder=folder))]
     for key, text in sections(world_text()).items():
         if key in PAPER_COMMENTS:
             flow = None if key != "source" else False  # short mappings on one line; the source as a tree
@@ -99,14 +127,23 @@ def preset_text(name: str) -> str:
     return "".join(parts)
 
 
-def write_preset(name: str, path: Path) -> None:
+def write_preset(name: str, path: Path, checkpoints: str | None = None) -> None:
     """Write the preset; a different params file already there is kept beside it as `.bak`."""
-    text = preset_text(name)
+    if checkpoints and PAPER_PRESETS.get(name, ("",))[0] != "task_arithmetic":
+        raise PipelineError(f"--checkpoints is the Task Arithmetic release's folder: it applies to the "
+                            f"{', '.join(n for n, (f, _) in PAPER_PRESETS.items() if f == 'task_arithmetic')} presets")
+    text = preset_text(name, checkpoints)
     kept = ""
     if path.exists() and path.read_text() != text:
         backup = path.with_name(path.name + ".bak")
         write_text(backup, path.read_text())
         kept = f" (the previous one is kept in {backup})"
     write_text(path, text)
-    print(f"wrote the {name} preset to {path}{kept}" + ("" if name == "world" else
-          "; next: `repsurgery fetch` (online), then `dvc repro`"))
+    if name == "world":
+        step = ""
+    elif PAPER_PRESETS[name][0] == "task_arithmetic":
+        step = (f"; the fine-tuned encoders are read from {checkpoints or release_folder(name)}/<Dataset>/finetuned.pt; "
+                "next: `repsurgery fetch` (online: the pretrained weights and test splits), then `dvc repro`")
+    else:
+        step = "; next: `repsurgery fetch` (online), then `dvc repro`"
+    print(f"wrote the {name} preset to {path}{kept}{step}")

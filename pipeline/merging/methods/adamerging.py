@@ -4,15 +4,21 @@ theta = theta_0 + sum_t lambda_t * tau_t, one lambda per task (task-wise) or per
 parameter tensor (layer-wise), clamped to [0, 1] in the forward pass. Gradients are
 accumulated task by task (one backward per task) so peak memory is that of one task's
 graph, unlike the reference, which keeps every task's graph alive until one backward.
+
+`coefficients: FILE` skips the learning and takes the coefficients the authors published
+(`pipeline/merging/coefficient_tables.py`): "paper coefficients + surgery" without relearning.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Callable, Iterator
 
 import torch
 from pydantic import Field
 from torch.func import functional_call
 
+from cache.files import sha256_file
+from pipeline.merging import coefficient_tables
 from pipeline.merging.inputs import MergeInputs
 from pipeline.merging.registry import Merged, merge_method
 from pipeline.merging.task_vectors import StateDict
@@ -96,26 +102,56 @@ def learn(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch
     return curve
 
 
+def published(inputs: MergeInputs, path: str, model: str, *, table: str, layer_wise: bool) -> torch.Tensor:
+    """The coefficients of the authors' table `table` for `model` (auto: the pretrained
+    architecture's name in their code, e.g. ViT-B-32), mapped onto this encoder's tensors."""
+    if model == "auto":
+        arch = (inputs.spec or {}).get("arch")
+        model = arch.removesuffix("-quickgelu") if arch else None
+    return coefficient_tables.lambdas(Path(path).expanduser(), table=table, model=model, layout=inputs.reference_layout,
+                                      keys=sorted(inputs.vectors[0]), tasks=len(inputs.tasks), layer_wise=layer_wise)
+
+
 def adapt(inputs: MergeInputs, vectors: list[StateDict], *, layer_wise: bool, init: float, lr: float, steps: int,
-          per_task: int, seed: int, split: str = "test") -> Merged:
+          per_task: int, seed: int, split: str = "test", coefficients: str | None = None,
+          coefficients_model: str = "auto", table: str = "") -> Merged:
     """Learn AdaMerging coefficients over `vectors` (the task vectors, or processed ones: AdaMerging++,
-    Concrete AM) on `per_task` images of every task per step, from `split`."""
+    Concrete AM) on `per_task` images of every task per step, from `split`; or take them from the
+    published table `table` in the file `coefficients`."""
     coeffs = MergeCoefficients(inputs.pretrained, vectors, layer_wise=layer_wise, init=init)
-    streams = [inputs.stream(t, per_task, seed + 1000 * t, split) for t in range(len(inputs.tasks))]
-    curve = learn(inputs.encoder, coeffs, inputs.heads, streams, steps=steps, lr=lr, device=inputs.device,
-                  progress=lambda it: inputs.progress(it, desc=inputs.method, unit="step"))
+    info = {}
+    if coefficients:
+        with torch.no_grad():
+            coeffs.lambdas.copy_(published(inputs, coefficients, coefficients_model, table=table, layer_wise=layer_wise))
+        info = {"coefficients": coefficients, "table": table, "sha256": sha256_file(Path(coefficients)).hexdigest()}
+    else:
+        streams = [inputs.stream(t, per_task, seed + 1000 * t, split) for t in range(len(inputs.tasks))]
+        curve = learn(inputs.encoder, coeffs, inputs.heads, streams, steps=steps, lr=lr, device=inputs.device,
+                      progress=lambda it: inputs.progress(it, desc=inputs.method, unit="step"))
+        info = {"loss_first": curve[0], "loss_last": curve[-1]}
     with torch.no_grad():
         merged = {k: v.cpu() for k, v in coeffs.merged().items()}
     return Merged(merged, {"keys": coeffs.keys if layer_wise else ["all"], "lambdas": coeffs.clamped().tolist(),
-                           "loss_first": curve[0], "loss_last": curve[-1]})
+                           **info})
 
 
-@merge_method("adamerging", needs=("heads", "images", "device"),
-              label=lambda p: "Layer-wise AdaMerging" if p.layer_wise else "Task-wise AdaMerging")
+def table_name(layer_wise: bool, suffix: str = "") -> str:
+    """The authors' name of a method's coefficient table (`lw_adamerging`, `tw_adamergingpp`, ...)."""
+    return f"{'lw' if layer_wise else 'tw'}_adamerging{suffix}"
+
+
+def label(name: str):
+    return lambda p: (f"{'Layer' if p.layer_wise else 'Task'}-wise {name}"
+                      + (" (published coefficients)" if p.coefficients else ""))
+
+
+@merge_method("adamerging", needs=("heads", "images", "device"), label=label("AdaMerging"))
 def adamerging(inputs: MergeInputs, *, layer_wise: bool = True, init: Annotated[float, Field(ge=0, le=1)] = 0.3,
                lr: Annotated[float, Field(gt=0)] = 1e-3, steps: Positive = 500, batch_size: Positive = 16,
-               batches_per_task: Positive = 2, seed: int = 0) -> Merged:
+               batches_per_task: Positive = 2, seed: int = 0, coefficients: str | None = None,
+               coefficients_model: str = "auto") -> Merged:
     """Task-wise (one coefficient per task) or layer-wise (one per task and parameter tensor)."""
     # the reference takes two batches per task and step; unlabeled test images (transductive)
     return adapt(inputs, inputs.vectors, layer_wise=layer_wise, init=init, lr=lr, steps=steps,
-                 per_task=batch_size * batches_per_task, seed=seed, split="test")
+                 per_task=batch_size * batches_per_task, seed=seed, split="test", coefficients=coefficients,
+                 coefficients_model=coefficients_model, table=table_name(layer_wise))

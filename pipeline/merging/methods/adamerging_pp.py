@@ -16,7 +16,9 @@ theta equals Ties-Merging with `merge: sum` and `scaling: init`.
 
 Defaults: layer_wise true, k 20, init 0.3, lr 1e-3, steps 500, batch_size 16,
 batches_per_task 2, seed 0, split auto, trim_over image_encoder (`state_dict`: k% of what the
-reference code flattens, as Ties-Merging's `trim_over`).
+reference code flattens, as Ties-Merging's `trim_over`). `coefficients: FILE` takes the authors'
+published table instead of learning (as `adamerging`); their tables were learned over the
+reference trim, so pair it with `trim_over: state_dict`.
 
 Deviation: `split` (auto = the task's train split where it has one, else its test split) says
 which unlabeled images the coefficients are learned on; the AdaMerging paper learns them on
@@ -29,22 +31,23 @@ from typing import Annotated
 from pydantic import Field
 
 from pipeline.merging.inputs import MergeInputs, Split
-from pipeline.merging.methods.adamerging import Positive, adapt
+from pipeline.merging.methods.adamerging import Positive, adapt, label, table_name
 from pipeline.merging.methods.ties_merging import TrimOver, zeros_counted
 from pipeline.merging.registry import Merged, merge_method
 from pipeline.merging.task_vectors import ties_vectors
 
 
-@merge_method("adamerging_pp", needs=("heads", "images", "device"),
-              label=lambda p: "Layer-wise AdaMerging++" if p.layer_wise else "Task-wise AdaMerging++")
+@merge_method("adamerging_pp", needs=("heads", "images", "device"), label=label("AdaMerging++"))
 def adamerging_pp(inputs: MergeInputs, *, layer_wise: bool = True, k: Annotated[float, Field(gt=0, le=100)] = 20.0,
                   init: Annotated[float, Field(ge=0, le=1)] = 0.3, lr: Annotated[float, Field(gt=0)] = 1e-3,
                   steps: Positive = 500, batch_size: Positive = 16, batches_per_task: Positive = 2, seed: int = 0,
-                  split: Split = "auto", trim_over: TrimOver = "image_encoder") -> Merged:
+                  split: Split = "auto", trim_over: TrimOver = "image_encoder", coefficients: str | None = None,
+                  coefficients_model: str = "auto") -> Merged:
     splits = [inputs.resolve_split(t, split) for t in range(len(inputs.tasks))]
     vectors = ties_vectors(inputs.vectors, k, zeros_counted(inputs, trim_over))
     result = adapt(inputs, vectors, layer_wise=layer_wise, init=init, lr=lr, steps=steps,
-                   per_task=batch_size * batches_per_task, seed=seed, split=split)
+                   per_task=batch_size * batches_per_task, seed=seed, split=split, coefficients=coefficients,
+                   coefficients_model=coefficients_model, table=table_name(layer_wise, "pp"))
     kept = [sum(int((v != 0).sum()) for v in tv.values()) / max(1, sum(v.numel() for v in tv.values()))
             for tv in vectors]
     result.info.update({"split": dict(zip(inputs.tasks, splits)), "k": k,
