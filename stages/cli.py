@@ -218,6 +218,16 @@ def surgery(keys: list[str] = typer.Argument(None, help="entries of params `merg
 
 @app.command()
 @_stage
+def doctor(params: Path = ParamsOpt, device: str = DeviceOpt):
+    """Check everything a long run needs (files, splits, labels, heads, encoders, disk, workers): one line per
+    problem, with its fix."""
+    from stages.doctor import doctor as run
+
+    run(*_ctx(params, device))
+
+
+@app.command()
+@_stage
 def verify(encoders: list[str] = typer.Argument(None, help="pretrained, individual and/or merge entries "
                                                             "(default: every store, Traditional MTL's included)"),
            params: Path = ParamsOpt):

@@ -5,6 +5,7 @@ import torch
 
 from pipeline import workspace
 from pipeline.config import Params
+from pipeline.doctor import preflight
 from pipeline.merging import registry
 from pipeline.merging.inputs import load_inputs
 from pipeline.models.checkpoints import save_state
@@ -14,6 +15,8 @@ from stages.common import progress
 def merge(key: str, params: Params, device: torch.device) -> None:
     entry = params.merge_entry(key)
     method = registry.get(entry.method)
+    if "images" in method.needs:  # a learned merge: a long GPU job, so check what it reads first
+        preflight(params, device)
     inputs = load_inputs(method, params.tasks, device=device, progress=progress)
     if "images" in method.needs and "batch_size" in entry.params.model_fields:
         params.check_rows(dict(zip(params.tasks, map(len, inputs.datasets))), f"merge.{key}.batch_size",

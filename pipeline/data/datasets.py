@@ -108,11 +108,17 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(image) if self.transform else image
 
 
+def loader_workers(rows: int) -> int:
+    """Decoding worker processes for a split of `rows` images: none for small splits (starting
+    them costs more than they save), else one per spare core, at most 4."""
+    return min(4, max(0, (os.cpu_count() or 1) - 1)) if rows > 4096 else 0
+
+
 def loader(dataset: torch.utils.data.Dataset, batch_size: int, *, shuffle: bool = False,
            seed: int = 0, workers: int | None = None) -> torch.utils.data.DataLoader:
     """Batches in dataset order (or seeded shuffled order), decoded by worker processes."""
     if workers is None:
-        workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if len(dataset) > 4096 else 0
+        workers = loader_workers(len(dataset))
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                                        generator=generator, num_workers=workers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,18 @@ ROWS_PER_SHARD = 4096
 
 def parquet_shards(src: Path, split: str) -> list[Path]:
     return sorted(p for p in Path(src).rglob(f"{split}-*.parquet") if ".cache" not in p.parts)
+
+
+def missing_shards(shards: list[Path]) -> list[str]:
+    """The shards a Hugging Face split names but lacks (`test-00001-of-00003.parquet`: three
+    shards): a missing one would otherwise just make the split smaller, silently."""
+    numbered = [m for s in shards if (m := re.fullmatch(r"(.+)-(\d+)-of-(\d+)\.parquet", s.name))]
+    missing = []
+    for prefix, total in sorted({(m.group(1), int(m.group(3))) for m in numbered}):
+        present = {int(m.group(2)) for m in numbered if m.group(1) == prefix and int(m.group(3)) == total}
+        width = len(next(m.group(2) for m in numbered if m.group(1) == prefix))
+        missing += [f"{prefix}-{i:0{width}d}-of-{total:0{width}d}.parquet" for i in range(total) if i not in present]
+    return missing
 
 
 def looks_like_image_folder(src: Path) -> bool:
@@ -60,6 +73,10 @@ def import_parquet(src: Path, split: str, out: Path, n_classes: int) -> int:
     shards = parquet_shards(src, split)
     if not shards:
         raise PipelineError(f"no `{split}-*.parquet` shards under {src}")
+    gaps = missing_shards(shards)
+    if gaps:
+        raise PipelineError(f"{src}: the {split} split is incomplete, {', '.join(gaps)} missing (a download cut "
+                            "short?): run `repsurgery fetch` again, or copy the missing shards there")
     rows = sum(_check_shard(s, n_classes) for s in shards)
     for shard in shards:
         _link_or_copy(shard, out / "data" / shard.name)
