@@ -221,7 +221,7 @@ def surgery(keys: list[str] = typer.Argument(None, help="entries of params `merg
 def doctor(params: Path = ParamsOpt, device: str = DeviceOpt):
     """Check everything a long run needs (files, splits, labels, heads, encoders, disk, workers): one line per
     problem, with its fix."""
-    from stages.doctor import doctor as run
+    from stages.doctor import run_doctor as run
 
     run(*_ctx(params, device))
 

@@ -6,15 +6,16 @@ import sys
 import torch
 import typer
 
-from pipeline import doctor as checks
+from pipeline import doctor
+from pipeline.data.checks import runtime_summary
 from pipeline.config import Params
 from pipeline.errors import PipelineError
 from stages.common import progress
 
 
-def doctor(params: Params, device: torch.device) -> None:
-    print(checks.runtime_summary(params, device))
-    findings = checks.examine(params, device, progress=progress)
+def run_doctor(params: Params, device: torch.device) -> None:
+    print(runtime_summary(params, device))
+    findings = doctor.examine(params, device, progress=progress)
     for finding in findings:
         typer.secho(finding.line(), fg=typer.colors.YELLOW if finding.warning else typer.colors.RED, err=True)
     problems = sum(not f.warning for f in findings)

@@ -16,7 +16,7 @@ import torch
 from pipeline import workspace
 from pipeline.config import Params
 from pipeline.data import datasets
-from pipeline.doctor import preflight
+from pipeline.data.checks import preflight
 from pipeline.features import jobs as planning
 from pipeline.features.extraction import extract, is_done
 from pipeline.features.stores import write_labels
@@ -39,7 +39,7 @@ def prune(params: Params, chosen: list[str]) -> None:
 
 def extract_features(params: Params, device: torch.device, names: list[str] | None = None, *,
                      scheduler: str | None = None, workers: int | None = None) -> None:
-    preflight(params, device, disk=True)
+    preflight(params, device, extra=planning.check_disk(params))
     cfg = params.extract
     chosen = planning.encoders(params, names)
     todo = planning.jobs(params.tasks, chosen, autocast=cfg.autocast)

@@ -5,7 +5,7 @@ import torch
 
 from pipeline import workspace
 from pipeline.config import Params
-from pipeline.doctor import preflight
+from pipeline.data.checks import preflight
 from pipeline.merging import registry
 from pipeline.merging.inputs import load_inputs
 from pipeline.models.checkpoints import save_state

@@ -70,6 +70,21 @@ def test_paper_presets_name_the_eight_tasks_on_the_hub(name, arch):
     assert items["pretrained " + arch][0].repo_id.startswith("timm/vit_")
 
 
+@pytest.mark.parametrize("name, family", [("paper-vit-b-32", "fusionbench"), ("paper-ta-vit-l-14", "task_arithmetic")])
+def test_each_paper_preset_names_its_checkpoint_family(name, family):
+    """FusionBench's Hub fine-tunes, or the Task Arithmetic release in its own folder layout
+    (fetch then brings only the pretrained weights and the test splits)."""
+    typed = config.validate(paper_params(name))
+    assert typed.source.family == family
+    items = fetch_items(typed.source, typed.tasks, "test")
+    if family == "task_arithmetic":
+        assert typed.source.finetuned["cars"] == "checkpoints/ViT-L-14/Cars/finetuned.pt"
+        assert typed.source.finetuned["sun397"] == "checkpoints/ViT-L-14/SUN397/finetuned.pt"
+        assert len(items) == 1 + len(typed.tasks)
+    assert paper_params(name, checkpoints="/r")["source"]["finetuned"]["dtd"] == (
+        "/r/DTD/finetuned.pt" if family == "task_arithmetic" else "hf://tanganke/clip-vit-base-patch32_dtd")
+
+
 def test_incomplete_sources_are_refused_naming_the_gap():
     params = paper_params("paper-vit-b-32")
     del params["source"]["finetuned"]["dtd"]
@@ -171,3 +186,13 @@ def test_zero_shot_heads_are_normalised_template_means_times_the_logit_scale():
     with torch.no_grad():
         emb = F.normalize(model.encode_text(tokenizer(["a photo of a striped dog.", "a striped dog pattern."])), dim=-1)
     torch.testing.assert_close(head[1], F.normalize(emb.mean(0), dim=0) * scale)
+
+
+def test_a_split_with_a_numbered_shard_missing_is_refused(tmp_path):
+    """Hugging Face names shards `test-00001-of-00003`: a download cut short would otherwise
+    import a smaller test set without a word."""
+    for index in (0, 2):
+        _shard(tmp_path / "src" / "data" / f"test-{index:05d}-of-00003.parquet", [_png()], [0])
+    with pytest.raises(PipelineError, match=r"incomplete, test-00001-of-00003.parquet missing.*repsurgery fetch"):
+        import_split(tmp_path / "src", "test", tmp_path / "out", "t", ["a", "b"], ["{c}"], origin="here")
+    assert not (tmp_path / "out").exists()

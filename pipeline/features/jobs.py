@@ -4,14 +4,18 @@ this process or on Dask workers (which import `pipeline` and `cache` only)."""
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import torch
 
 from pipeline import workspace
 from pipeline.data import datasets
+from pipeline.data.checks import Finding
 from pipeline.errors import PipelineError
-from pipeline.features.extraction import EXTRACTION_VERSION, Job, Ref, Target
+from pipeline.features.extraction import EXTRACTION_VERSION, Job, Ref, Target, is_done
 from pipeline.features.stores import checkpoint_fingerprint, fix_hint
 from pipeline.models import clip
 from pipeline.models.checkpoints import load_state
@@ -91,3 +95,22 @@ def encoders(params, names: list[str] | None) -> list[str]:
                                 f"({', '.join(params.methods)})")
         chosen.append(encoder)
     return chosen
+
+
+def check_disk(params) -> Iterator[Finding]:
+    """Room for the feature stores still to compute (params `extract.dtype`)."""
+    cfg = params.extract
+    try:
+        todo = [(job.n_rows, t) for job in jobs(params.tasks, encoders(params, None), autocast=cfg.autocast)
+                for t in job.targets if not is_done(t, cfg.dtype)]
+        width = feature_dim()
+    except PipelineError as exc:
+        yield Finding("disk", str(exc).rstrip("."), "run the stage it names (or `dvc repro`)")
+        return
+    need = sum(rows for rows, _ in todo) * width * np.dtype(cfg.dtype).itemsize
+    folder = next(p for p in (workspace.FEATURES.resolve(), *workspace.FEATURES.resolve().parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if need > 0.95 * free:
+        yield Finding("disk", f"{len(todo)} feature stores need about {need / 1e9:.2f} GB, {folder} has "
+                              f"{free / 1e9:.2f} GB free", "free space there"
+                      + (", or set `extract.dtype: float16` (half the size)" if cfg.dtype == "float32" else ""))
