@@ -45,12 +45,13 @@ def check_encoders(params: Params, device: torch.device, sample: int = SAMPLE,
             labels[task] = data.labels[pick]
         except PipelineError as exc:
             yield Finding("encoders", f"{task}: {str(exc).rstrip('.')}", REIMPORT)
-    checkpoints = [(f"fine-tuned {t}", workspace.finetuned_checkpoint(t), [t]) for t in params.tasks]
-    checkpoints += [(f"merged {k}", workspace.merged_checkpoint(k), params.tasks) for k in params.methods
+    # (name, checkpoint, the tasks it sees, scored: a fine-tuned encoder on its own task)
+    checkpoints = [(f"fine-tuned {t}", workspace.finetuned_checkpoint(t), [t], True) for t in params.tasks]
+    checkpoints += [(f"merged {k}", workspace.merged_checkpoint(k), params.tasks, False) for k in params.methods
                     if workspace.merged_checkpoint(k).exists()]
     with torch.no_grad():
-        for name, path, tasks in progress([("pretrained", None, params.tasks), *checkpoints], desc="encoders",
-                                          unit="encoder", leave=False):
+        for name, path, tasks, scored in progress([("pretrained", None, params.tasks, False), *checkpoints],
+                                                  desc="encoders", unit="encoder", leave=False):
             try:
                 encoder.load_state_dict(pretrained if path is None else load_state(path, like=pretrained,
                                                                                    hint=workspace.rebuild_hint(path)))
@@ -62,7 +63,7 @@ def check_encoders(params: Params, device: torch.device, sample: int = SAMPLE,
                 if not torch.isfinite(z).all():
                     yield Finding("encoders", f"{name} gives non-finite features on {task}",
                                   f"check {path or workspace.PRETRAINED} (a damaged or wrongly converted checkpoint)")
-                elif name.startswith("fine-tuned"):
+                elif scored:
                     score = accuracy(z.float().cpu(), heads[task], labels[task])
                     if near_chance({task: score}, {task: len(heads[task])}):
                         yield Finding("encoders", f"{name} gets {score:.0f} % of {len(labels[task])} images of its "
@@ -81,6 +82,13 @@ def examine(params: Params, device: torch.device, *, progress: Callable = lambda
             sources.check(params.source, params.tasks, workspace.SPLIT)
         except PipelineError as exc:
             findings += [Finding("sources", line.strip(), "") for line in str(exc).splitlines()[1:]]
+    unbuilt = [str(p) for p in (workspace.DATA, workspace.PRETRAINED, workspace.HEADS, workspace.FINETUNED)
+               if not p.exists()]
+    if unbuilt:  # the rest checks what the cheap stages make: say so once, not once per file
+        return findings + [Finding("workspace", f"{', '.join(unbuilt)} not built yet",
+                                   "run `dvc repro finetuned` (the quick stages: import the test splits, convert "
+                                   "the checkpoints, build the heads), then `repsurgery doctor` again before the "
+                                   "long ones")]
     findings += check_data(params, decode=True, progress=progress)
     findings += check_heads(params)
     findings += check_encoders(params, device, progress=progress)
