@@ -34,6 +34,7 @@ METRICS = RESULTS / "metrics.json"  # every figure, per task
 SUMMARY = RESULTS / "summary.json"  # the averages: what `dvc metrics` and `dvc exp show` show
 ACCURACY_TABLE = RESULTS / "accuracy.md"
 ANALYSES = RESULTS / "analyses"
+BENCH_REALSIZE = RESULTS / "bench-realsize.json"  # `repsurgery bench-real-size`
 REFERENCE_ENCODERS = ("pretrained", "individual")
 
 

@@ -1,9 +1,17 @@
-"""`repsurgery bench` (the benchmark suite on the workspace's outputs -> results/bench.json) and
-`repsurgery bench-merges` (merge time and memory against the number of tasks)."""
+"""`repsurgery bench` (the benchmark suite on the workspace's outputs -> results/bench.json),
+`repsurgery bench-merges` (merge time and memory against the number of tasks) and
+`repsurgery bench-real-size` (extraction and AdaMerging at ViT-B/32 and ViT-L/14 sizes ->
+results/bench-realsize.json)."""
 from __future__ import annotations
 
-from pipeline.benchmarks import merges
+from pathlib import Path
+
+from pipeline import workspace
+from pipeline.benchmarks import merges, realsize
 from pipeline.benchmarks.suite import machine, run_bench as _run
+from pipeline.errors import PipelineError
+from pipeline.features.jobs import AUTOCAST
+from pipeline.models import clip
 from stages.common import progress
 
 
@@ -16,3 +24,20 @@ def bench_merges(params, device, params_file, keys: list[str], counts: list[int]
     counts = sorted({min(n, len(params.tasks)) for n in counts})
     rows = merges.scaling(params_file, device, keys, counts, steps=steps, progress=progress)
     merges.write(rows, machine(device), out)
+
+
+def bench_real_size(device, archs: list[str] | None = None, *, autocast: str = "none", quick: bool = False,
+                    out: Path | None = None, **options) -> dict:
+    """Extraction and AdaMerging at the real encoders' sizes (random weights, generated JPEGs)."""
+    if autocast not in AUTOCAST:
+        raise PipelineError(f"unknown autocast {autocast!r}: choose among {', '.join(AUTOCAST)}")
+    out = out or workspace.BENCH_REALSIZE
+    if quick:
+        options.update(realsize.QUICK)
+    specs = {arch: clip.spec_from_open_clip(arch=arch) for arch in archs or realsize.ARCHS}
+    result = {"machine": machine(device), "quick": quick,
+              **realsize.run(specs, device, autocast=AUTOCAST[autocast], progress=progress, **options)}
+    workspace.write_json(out, result)
+    print(realsize.table(result))
+    print(f"-> {out}")
+    return result

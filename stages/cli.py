@@ -279,6 +279,36 @@ def bench_merges(keys: list[str] = typer.Argument(None, help="merge entries (def
     run(*_ctx(params, device), params, keys or [], tasks, steps, out)
 
 
+@app.command("bench-real-size")
+@_stage
+def bench_real_size(device: str = DeviceOpt,
+                    archs: list[str] = typer.Option(None, "--archs", help="open_clip architectures, randomly "
+                                                    "initialised, nothing downloaded (default: ViT-B-32-quickgelu "
+                                                    "and ViT-L-14-quickgelu)"),
+                    images: int = typer.Option(64, min=1, help="generated 500x375 JPEGs, decoded and encoded"),
+                    workers: int = typer.Option(None, min=0, help="decode workers (default: those the extract "
+                                                "stage gives a split of real size)"),
+                    batch_size: int = typer.Option(32, min=1, help="extraction batch size"),
+                    repeats: int = typer.Option(2, min=1, help="runs of decode, forward and extraction, in turn; "
+                                                "the fastest of each counts"),
+                    tasks: int = typer.Option(3, min=1, help="AdaMerging tasks (random task vectors)"),
+                    images_per_task: int = typer.Option(2, min=1, help="AdaMerging images per task and step"),
+                    adamerging_steps: int = typer.Option(1, min=1, help="timed AdaMerging steps per variant"),
+                    autocast: str = typer.Option("none", help="none | bf16 | fp16 (GPU extraction)"),
+                    quick: bool = typer.Option(False, "--quick", help="a few images, two tasks of one image "
+                                               "(a smoke test)"),
+                    out: Path = typer.Option(None, "--out", help="where the figures go (default: "
+                                             "results/bench-realsize.json)")):
+    """Extraction against decode alone and the bare forward, and AdaMerging's step time and memory, at
+    ViT-B/32 and ViT-L/14 sizes -> results/bench-realsize.json."""
+    from pipeline.devices import pick_device
+    from stages.bench import bench_real_size as run
+
+    run(pick_device(device), archs or None, images=images, workers=workers, batch_size=batch_size,
+        repeats=repeats, tasks=tasks, images_per_task=images_per_task, steps=adamerging_steps, autocast=autocast,
+        quick=quick, out=out)
+
+
 @app.command()
 @_stage
 def mtl(params: Path = ParamsOpt, device: str = DeviceOpt):

@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
+from pipeline.benchmarks import realsize
 from pipeline.benchmarks.measure import SavedTensorMeter
+from pipeline.models import clip
 from tests.conftest import cli
 
 FIGURES = ["surgery_live_over_cached", "rank_sweep_over_one_live_run", "extract_overhead", "decode_once_speedup",
@@ -48,3 +50,30 @@ def test_saved_tensor_meter_counts_live_activations_once_and_frees_them():
     loss.backward()
     del a, b, loss
     assert meter.current == 0
+
+
+def test_real_size_bench_runs_the_extraction_path_and_reports_consistent_figures():
+    """The real-size benchmark's code path on a tiny open_clip config and a few small JPEGs."""
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16, "layers": 1,
+                                              "head_width": 8},
+              "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1}}
+    result = realsize.run({"tiny": clip.spec_from_open_clip(config=config)}, torch.device("cpu"), images=6,
+                          workers=1, batch_size=4, repeats=2, size=(40, 30), tasks=2, images_per_task=2, steps=1)
+    json.dumps(result)  # what the stage writes
+    f = result["archs"]["tiny"]
+    assert f["images"] == 6 and f["feature_dim"] == 16 and result["settings"]["workers"] == 1
+    rates = {part: f[f"{part}_images_per_s"] for part in ("decode", "forward", "extract")}
+    for part, rate in rates.items():
+        assert rate > 0 and rate == pytest.approx(6 / f["seconds"][part], rel=0.01), part
+    assert f["bound"] == min(("decode", "forward"), key=rates.get)
+    assert f["extract_over_bound"] == pytest.approx(rates["extract"] / rates[f["bound"]], rel=0.01)
+    assert set(f["extract_split_s"]) == {"decode_wait", "forward", "write", "other"}
+    assert 0 < f["extract_over_own_forward"] <= 1  # its encoder calls are part of the extraction
+    memory, step = f["adamerging_memory_ratio"], f["adamerging_step_ratio"]
+    assert (memory["tasks"], memory["images_per_task"]) == (2, 2)
+    assert memory["ratio"] == pytest.approx(memory["task_by_task_bytes"] / memory["all_graphs_bytes"], rel=1e-3)
+    half = 5e-5  # the step times are rounded to 4 decimals, the ratio from the unrounded ones
+    a, b = step["task_by_task_step_s"], step["all_graphs_step_s"]
+    assert step["ratio"] > 0 and (a - half) / (b + half) - half <= step["ratio"] <= (a + half) / (b - half) + half
+    assert 0 < memory["task_by_task_bytes"] < memory["all_graphs_bytes"]
+    assert "| tiny (0 M) | 1 |" in realsize.table(result)

@@ -123,26 +123,28 @@ def open_writers(job: Job, *, dim: int, batch_size: int, dtype: str, fix_hint: C
 
 def extract(jobs: list[Job], *, dim: int, batch_size: int, device: torch.device, dtype: str = "float32",
             autocast: torch.dtype | None = None, fix_hint: Callable[[Target], str] = lambda t: "",
-            progress: Callable = lambda it, **kw: it, timings: Timings | None = None) -> list[Path]:
-    """Run every job in this process; returns the paths of all targets' stores."""
+            progress: Callable = lambda it, **kw: it, timings: Timings | None = None,
+            workers: int | None = None) -> list[Path]:
+    """Run every job in this process; returns the paths of all targets' stores. `workers`: the
+    decoding processes (default: the loader's choice for the split's size)."""
     timings = timings if timings is not None else Timings()
     for job in jobs:
         writers = open_writers(job, dim=dim, batch_size=batch_size, dtype=dtype, fix_hint=fix_hint)
         if writers:
             _run_job(job, writers, batch_size=batch_size, device=device, autocast=autocast,
-                     progress=progress, timings=timings)
+                     progress=progress, timings=timings, workers=workers)
     return [t.path for job in jobs for t in job.targets]
 
 
 def _run_job(job: Job, writers: list[tuple[Target, StoreWriter]], *, batch_size: int, device: torch.device,
-             autocast: torch.dtype | None, progress: Callable, timings: Timings) -> None:
+             autocast: torch.dtype | None, progress: Callable, timings: Timings, workers: int | None = None) -> None:
     encoders = [encoder_on(t.encoder, device) for t, _ in writers]
     dataset = obtain(job.dataset)
     if len(dataset) != job.n_rows:
         raise ValueError(f"{job.name}: the dataset has {len(dataset)} rows, the job expected {job.n_rows}")
     first = min(w.rows_written for _, w in writers)  # always on a chunk boundary
     rows = torch.utils.data.Subset(dataset, range(first, job.n_rows))
-    batches = iter(loader(rows, batch_size))
+    batches = iter(loader(rows, batch_size, workers=workers))
     for _ in progress(range(-(-len(rows) // batch_size)), desc=f"extract {job.name}", unit="batch"):
         clock = time.perf_counter()
         images = next(batches).to(device, non_blocking=True)
