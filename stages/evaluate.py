@@ -49,13 +49,13 @@ def evaluate(params: Params) -> dict:
         results[key] = {k: _with_avg(v) for k, v in out.items()}
     # once everything is in: no noise before an error
     flag_near_chance(results, {t: len(heads[t]) for t in names})
+    note = ""
     if not params.is_world:
         compare_with_published(results, params.source.family, params.source.pretrained.arch)
+        note = f"\nPublished: {published_note(params.source.family, params.source.pretrained.arch)}\n"
     workspace.write_json(workspace.METRICS, results)
     workspace.write_json(workspace.SUMMARY, metrics.summary(results))
-    table = accuracy_table(results, names, params.labels())
-    if not params.is_world:
-        table += f"\nPublished: {published_note(params.source.family, params.source.pretrained.arch)}\n"
+    table = accuracy_table(results, names, params.labels()) + note
     write_text(workspace.ACCURACY_TABLE, table)
     print(table)
     print(f"metrics written to {workspace.METRICS} (per task), {workspace.SUMMARY} (averages) and "
@@ -108,8 +108,8 @@ def compare_with_published(results: dict, family: str, arch: str | None) -> None
 def published_note(family: str, arch: str | None) -> str:
     info = published.describe(family, arch)
     if not published.rows(family, arch):
-        return (f"no published figures for checkpoint family {family!r} and {info['arch']} "
-                "(params `source.family`)")
+        return (f"no published figures for checkpoint family {family!r}" + (f" and {info['arch']}" if info["arch"] else "")
+                + " (params `source.family`)")
     return f"{family} {info['arch']}: {info['source']}"
 
 

@@ -22,6 +22,7 @@ from pipeline.merging import coefficient_tables
 from pipeline.merging.inputs import MergeInputs
 from pipeline.merging.registry import Merged, merge_method
 from pipeline.merging.task_vectors import StateDict
+from pipeline.reporting.published import arch_key
 from pipeline.models.heads import logits
 
 Positive = Annotated[int, Field(gt=0)]
@@ -102,12 +103,11 @@ def learn(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch
     return curve
 
 
-def published(inputs: MergeInputs, path: str, model: str, *, table: str, layer_wise: bool) -> torch.Tensor:
+def published_lambdas(inputs: MergeInputs, path: str, model: str, *, table: str, layer_wise: bool) -> torch.Tensor:
     """The coefficients of the authors' table `table` for `model` (auto: the pretrained
     architecture's name in their code, e.g. ViT-B-32), mapped onto this encoder's tensors."""
     if model == "auto":
-        arch = (inputs.spec or {}).get("arch")
-        model = arch.removesuffix("-quickgelu") if arch else None
+        model = arch_key((inputs.spec or {}).get("arch"))
     return coefficient_tables.lambdas(Path(path).expanduser(), table=table, model=model, layout=inputs.reference_layout,
                                       keys=sorted(inputs.vectors[0]), tasks=len(inputs.tasks), layer_wise=layer_wise)
 
@@ -119,10 +119,10 @@ def adapt(inputs: MergeInputs, vectors: list[StateDict], *, layer_wise: bool, in
     Concrete AM) on `per_task` images of every task per step, from `split`; or take them from the
     published table `table` in the file `coefficients`."""
     coeffs = MergeCoefficients(inputs.pretrained, vectors, layer_wise=layer_wise, init=init)
-    info = {}
     if coefficients:
         with torch.no_grad():
-            coeffs.lambdas.copy_(published(inputs, coefficients, coefficients_model, table=table, layer_wise=layer_wise))
+            coeffs.lambdas.copy_(published_lambdas(inputs, coefficients, coefficients_model, table=table,
+                                                   layer_wise=layer_wise))
         info = {"coefficients": coefficients, "table": table, "sha256": sha256_file(Path(coefficients)).hexdigest()}
     else:
         streams = [inputs.stream(t, per_task, seed + 1000 * t, split) for t in range(len(inputs.tasks))]
