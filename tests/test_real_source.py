@@ -108,6 +108,18 @@ def test_repro_runs_the_whole_pipeline_on_a_real_source(project, real_like):
     assert not (real_like["root"] / "sentinel").exists()  # the pickle's own code never ran
 
 
+def test_doctor_checks_a_real_source_and_warns_of_splits_smaller_than_published(project):
+    """The stand-in splits hold 40 images where the published ones hold thousands: worth a
+    warning (a lost shard shows this way), not a stop (a subset may be on purpose)."""
+    from pipeline.data.catalog import PAPER_TASKS
+
+    done = cli(project, "doctor")
+    assert done.returncode == 0, done.stderr
+    assert "PROBLEM" not in done.stderr
+    assert f"WARNING [data] mnist: {N_TEST} test images where the published split has " \
+           f"{PAPER_TASKS['mnist'].test_images}" in done.stderr
+
+
 def test_imported_splits_keep_their_labels_and_the_paper_class_names(project):
     from pipeline.data import datasets as data
 

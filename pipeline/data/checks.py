@@ -2,8 +2,8 @@
 
 The GPU stages (`extract`, learned merges) run the quick ones first (`preflight`) and stop before
 any work when one fails; `repsurgery doctor` (pipeline/doctor.py) runs them all, image decoding
-and the encoders included. A *problem* stops a run; a *warning* is evidence worth a look that a
-sample cannot make certain.
+and the encoders included. A *problem* stops a run; a *warning* is evidence worth a look that may
+be on purpose (a split smaller than the published one) or that a sample cannot make certain.
 """
 from __future__ import annotations
 
@@ -75,8 +75,9 @@ def check_data(params, *, decode: bool, progress: Callable = lambda it, **kw: it
                                       f"task has {n} class names", "point the task at the right dataset, or give its "
                                                                    "class names (params `source.classnames`)")
         expected = _expected_rows(params, task)
-        if expected is not None and rows != expected and not gaps:
-            yield Finding("data", f"{task}: {rows} test images where the split has {expected}", REIMPORT)
+        if expected is not None and rows != expected and not gaps:  # a subset may be on purpose: a warning
+            yield Finding("data", f"{task}: {rows} test images where the published split has {expected}",
+                          REIMPORT + " (unless you chose a subset)", warning=True)
         if decode:
             yield from _decode_all(task, progress)
 
