@@ -120,11 +120,16 @@ def check_heads(params) -> Iterator[Finding]:
                                    f"{width})", fix)
 
 
+def largest_split(params) -> int:
+    """Images in the params' largest test split (0 before the data stage), from the shards'
+    metadata: what sets the loader's decode workers."""
+    return max((sum(pq.ParquetFile(f).metadata.num_rows for f in datasets.shards(workspace.DATA, t, workspace.SPLIT))
+                for t in params.tasks if datasets.has_split(workspace.DATA, t, workspace.SPLIT)), default=0)
+
+
 def check_runtime(params, device: torch.device) -> Iterator[Finding]:
     """Dataloader workers start, and have the shared memory they pass batches through."""
-    rows = {t: len(datasets.labels(workspace.DATA, t, workspace.SPLIT)) for t in params.tasks
-            if datasets.has_split(workspace.DATA, t, workspace.SPLIT)}
-    workers = datasets.loader_workers(max(rows.values(), default=0))
+    workers = datasets.loader_workers(largest_split(params))
     if not workers:
         return
     shm = Path("/dev/shm")
@@ -132,11 +137,8 @@ def check_runtime(params, device: torch.device) -> Iterator[Finding]:
         yield Finding("runtime", f"{workers} dataloader workers pass batches through /dev/shm, which has "
                                  f"{shutil.disk_usage(shm).free / 1e6:.0f} MB free (they fail mid-run with a bus error)",
                       "give the container more shared memory (`docker run --shm-size=2g`), or free /dev/shm")
-    task = max(rows, key=rows.get)
-    try:
-        data = datasets.ImageDataset(workspace.DATA, task, workspace.SPLIT, lambda image: torch.zeros(1))
-        next(iter(datasets.loader(torch.utils.data.Subset(data, range(min(4 * workers, len(data)))), 2,
-                                  workers=workers)))
+    try:  # batches of preprocessed-image size, without reading a split
+        next(iter(datasets.loader([torch.zeros(3, 224, 224)] * (2 * workers), 2, workers=workers)))
     except Exception as exc:  # whatever a worker dies of
         yield Finding("runtime", f"{workers} dataloader workers cannot start ({type(exc).__name__}: {exc})",
                       "fix the environment it names (shared memory, process limits)")
@@ -144,8 +146,7 @@ def check_runtime(params, device: torch.device) -> Iterator[Finding]:
 
 def runtime_summary(params, device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
-    rows = max((len(datasets.labels(workspace.DATA, t, workspace.SPLIT)) for t in params.tasks
-                if datasets.has_split(workspace.DATA, t, workspace.SPLIT)), default=0)
+    rows = largest_split(params)
     return (f"device {device} ({name}), torch threads {torch.get_num_threads()}, "
             f"dataloader workers {datasets.loader_workers(rows)} for the largest split ({rows} images)")
 
