@@ -69,8 +69,9 @@ class Training(Section):
 class Pretrain(Training):
     named: dict[str, Share]
     alias: dict[str, Share]
+    in_domain: dict[str, Share]
 
-    @field_validator("named", "alias")
+    @field_validator("named", "alias", "in_domain")
     @classmethod
     def _has_default(cls, value: dict) -> dict:
         if "default" not in value:

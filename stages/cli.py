@@ -309,6 +309,16 @@ def bench_real_size(device: str = DeviceOpt,
         quick=quick, out=out)
 
 
+@app.command("build-world")
+@_stage
+def build_world(params: Path = ParamsOpt, device: str = DeviceOpt):
+    """Miniature world: data and every encoder from scratch (pretrained, fine-tuned, MTL), shipped
+    -> pipeline/assets/world/, which `dvc repro` then uses instead of training them again."""
+    from stages.build_world import build_world as run
+
+    run(*_ctx(params, device))
+
+
 @app.command()
 @_stage
 def mtl(params: Path = ParamsOpt, device: str = DeviceOpt):

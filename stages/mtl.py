@@ -14,19 +14,30 @@ from pipeline.features.extraction import extract
 from pipeline.models import clip
 from pipeline.models.checkpoints import load_heads, save_state
 from pipeline.world.finetune import train_images
+from pipeline.world import shipped
 from pipeline.world.mtl import train_multitask
 from stages.common import progress
 
 
-def build_mtl(params: Params, device: torch.device) -> None:
+def build_mtl(params: Params, device: torch.device, from_scratch: bool = False) -> None:
     names = params.tasks
     if not params.is_world:  # the real setting has no training data here: the paper's number is quoted instead
         workspace.write_json(workspace.MTL / "train.json", {"skipped": "Traditional MTL: miniature world only"})
         workspace.write_json(workspace.FEATURES / "mtl" / "skipped.json", {"skipped": "miniature world only"})
         print("Traditional MTL: skipped (miniature world only; the paper reports 88.9 for ViT-B/32)")
         return
-    cfg = params.mtl
     model, spec = clip.load_clip(workspace.PRETRAINED)
+    if from_scratch or not shipped.install("mtl", params):
+        train(params, model, spec, device)
+    ext = params.extract
+    todo = planning.jobs(names, ["mtl"], autocast=ext.autocast)
+    extract(todo, dim=model.visual.output_dim, batch_size=ext.batch_size, device=device, dtype=ext.dtype,
+            autocast=planning.AUTOCAST[ext.autocast], fix_hint=planning.hint, progress=progress)
+    print(f"Traditional MTL features -> {workspace.FEATURES / 'mtl'}/")
+
+
+def train(params: Params, model, spec: dict, device: torch.device) -> None:
+    names, cfg = params.tasks, params.mtl
     heads = load_heads(workspace.HEADS, names)
     loaded = [train_images(workspace.DATA, t, spec) for t in progress(names, desc="decode train images", unit="task")]
     state, curve = train_multitask(
@@ -37,9 +48,4 @@ def build_mtl(params: Params, device: torch.device) -> None:
     save_state(workspace.MTL_ENCODER, state, tasks=json.dumps(names))
     workspace.write_json(workspace.MTL / "train.json", {"tasks": names, "steps": cfg.steps, "loss_first": curve[0],
                                                         "loss_last": sum(curve[-10:]) / len(curve[-10:])})
-    ext = params.extract
-    todo = planning.jobs(names, ["mtl"], autocast=ext.autocast)
-    extract(todo, dim=model.visual.output_dim, batch_size=ext.batch_size, device=device, dtype=ext.dtype,
-            autocast=planning.AUTOCAST[ext.autocast], fix_hint=planning.hint, progress=progress)
-    print(f"Traditional MTL encoder -> {workspace.MTL_ENCODER} (loss {curve[0]:.3f} -> {curve[-1]:.3f}); "
-          f"features -> {workspace.FEATURES / 'mtl'}/")
+    print(f"Traditional MTL encoder -> {workspace.MTL_ENCODER} (loss {curve[0]:.3f} -> {curve[-1]:.3f})")

@@ -20,7 +20,8 @@ TINY = {
     "world": {"seed": 0, "image_size": 32, "n_train": 384, "n_test": 80, "noise": 8.0, "clutter": 3},
     "model": {"embed_dim": 32, "vision": {"width": 32, "layers": 1, "heads": 2, "patch_size": 8},
               "text": {"width": 32, "layers": 1, "heads": 2, "context_length": 16}},
-    "pretrain": {"steps": 40, "batch_size": 64, "lr": 0.002, "weight_decay": 0.1, "named": {"default": 0.5}, "alias": {"default": 0.3}},
+    "pretrain": {"steps": 40, "batch_size": 64, "lr": 0.002, "weight_decay": 0.1, "named": {"default": 0.5}, "alias": {"default": 0.3},
+                 "in_domain": {"default": 0.1}},
     "finetune": {"steps": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 0.1, "warmup": 2},
     "merge": {  # every built-in method, in the paper's Table 1 order, at tiny schedules
         "weight_averaging": {},

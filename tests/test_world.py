@@ -1,15 +1,22 @@
-"""The miniature world's data: the real Hugging Face layout, deterministic, disjoint label spaces."""
+"""The miniature world: its data (the real Hugging Face layout, deterministic, disjoint label
+spaces, a domain per task), its pretraining captions, and its shipped encoders (checked at
+load, used only for the params that built them, rebuilt from scratch by one command)."""
 import io
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cache.files import sha256_file
 from pipeline.data import datasets as data
 from pipeline.world import images
 from pipeline.world.pretrain import Captions, build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tasks_are_written_as_hugging_face_parquet_shards(tmp_path):
@@ -71,3 +78,121 @@ def test_pretraining_captions_follow_the_shares():
     assert broad == pytest.approx(0.3, abs=0.03)
     tokenizer = build_tokenizer([caps], context_length=16)
     assert tokenizer(texts[0][0])[0, 0] == tokenizer.index["<sot>"]
+    in_domain = [caps.sample(3, g, in_domain=True) for _ in range(2000)]
+    assert not any("right" in t for t, _ in in_domain), "an image in the benchmark's look never gets the class name"
+
+
+def test_every_class_name_is_read_in_pretraining():
+    from pipeline import config
+
+    params = config.load(ROOT / "params.yaml")
+    for task in params.tasks:
+        share = params.pretrain.named.get(task, params.pretrain.named["default"])
+        assert share > 0, f"{task}: its zero-shot prompts would be built from words pretraining never read"
+
+
+def test_each_task_has_its_own_domain_that_pretraining_mostly_does_not_show():
+    rng = np.random.default_rng(0)
+    for task in images.TASK_NAMES:
+        web = np.stack([images.render(task, 0, rng) for _ in range(32)]).astype(float)
+        domain = np.stack([images.render(task, 0, rng, look=images.LOOKS[task]) for _ in range(32)]).astype(float)
+        # the two looks differ in their pixel statistics (mean colour or contrast), not only in noise
+        gap = np.abs(web.mean((0, 1, 2)) - domain.mean((0, 1, 2))).max() + abs(web.std() - domain.std())
+        assert gap > 10, task
+    pictures, labels, looks = images.web_images("digits", 400, in_domain=0.1, seed=0)
+    assert pictures.shape == (400, 32, 32, 3) and set(labels) == set(range(10))
+    assert looks.mean() == pytest.approx(0.1, abs=0.04)
+
+
+def _tiny_params():
+    from pipeline import config
+    from tests.conftest import TINY
+
+    return config.validate({**TINY, "tasks": ["digits", "colors"]})
+
+
+@pytest.fixture
+def assets(tmp_path, monkeypatch):
+    """The shipped-encoder folder moved to a scratch place, and a scratch workspace."""
+    from pipeline.world import shipped
+
+    root = tmp_path / "assets" / "world"
+    monkeypatch.setattr(shipped, "ROOT", root)
+    monkeypatch.setattr(shipped, "MANIFEST", root / "manifest.json")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REPSURGERY_QUIET", "1")
+    return root
+
+
+def test_build_world_ships_encoders_that_the_stages_then_use_as_built(assets, capsys):
+    import torch
+
+    from pipeline import workspace
+    from pipeline.models.checkpoints import fingerprint, load_state
+    from stages.build_world import build_world
+    from stages.world import build_finetuned, build_pretrained
+
+    params = _tiny_params()
+    build_world(params, torch.device("cpu"))
+    built = json.loads((assets / "manifest.json").read_text())
+    assert set(built["parts"]) == {"pretrained", "finetuned", "mtl"}
+    assert set(built["parts"]["finetuned"]["files"]) == {f"{t}.safetensors" for t in params.tasks}
+    states = {t: fingerprint(load_state(workspace.finetuned_checkpoint(t))) for t in params.tasks}
+    # from scratch again, through the same code: the same bytes (deterministic on one machine)
+    build_world(params, torch.device("cpu"))
+    assert json.loads((assets / "manifest.json").read_text())["parts"] == built["parts"]
+    shutil.rmtree(workspace.MODELS)
+    capsys.readouterr()
+    build_pretrained(params, torch.device("cpu"))
+    build_finetuned(params, torch.device("cpu"))
+    assert "shipped world encoders" in capsys.readouterr().out
+    assert {t: fingerprint(load_state(workspace.finetuned_checkpoint(t))) for t in params.tasks} == states
+
+
+def test_shipped_encoders_serve_only_the_params_that_built_them(assets, capsys):
+    import torch
+
+    from pipeline import config
+    from pipeline.world import shipped
+    from stages.build_world import build_world
+
+    params = _tiny_params()
+    assert "none are shipped" in shipped.differences(params, "pretrained")
+    build_world(params, torch.device("cpu"))
+    other = config.validate({**params.model_dump(), "finetune": {**params.finetune.model_dump(), "steps": 7}})
+    assert shipped.differences(other, "pretrained") == ""  # fine-tuning does not shape the pretrained CLIP
+    assert shipped.differences(other, "finetuned") == "the shipped ones were built with other params `finetune`"
+    capsys.readouterr()
+    assert not shipped.install("finetuned", other)
+    assert "finetuned: building from scratch" in capsys.readouterr().out
+
+
+def test_a_damaged_shipped_encoder_is_refused_with_its_fix(assets):
+    import torch
+
+    from pipeline import workspace
+    from pipeline.errors import PipelineError
+    from pipeline.world import shipped
+    from stages.build_world import build_world
+
+    params = _tiny_params()
+    build_world(params, torch.device("cpu"))
+    shutil.rmtree(workspace.MODELS)
+    damaged = assets / "finetuned" / "digits.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(PipelineError, match=r"digits.safetensors is missing or damaged.*git checkout.*build-world"):
+        shipped.install("finetuned", params)
+    assert not workspace.FINETUNED.exists(), "nothing half-copied"
+
+
+def test_the_default_params_use_the_shipped_encoders_and_they_are_intact():
+    from pipeline import config
+    from pipeline.world import shipped
+
+    params = config.load(ROOT / "params.yaml")
+    built = shipped.manifest()
+    assert built is not None, "run `repsurgery build-world` and commit pipeline/assets/world"
+    for part in shipped.PARTS:
+        assert shipped.differences(params, part) == "", f"{part}: rebuild with `repsurgery build-world`"
+        for name, sha in built["parts"][part]["files"].items():
+            assert sha256_file(shipped.ROOT / part / name).hexdigest() == sha

@@ -1,21 +1,27 @@
 """Eight procedurally generated image classification tasks, written as Hugging Face
 publishes image datasets (parquet shards with `image` = {bytes, path} and `label`).
 
-Every image is drawn at 64 px on a random background (solid, gradient or noise) with a
-little clutter, then downsampled and noised, so a small ViT can learn each task well but
-not trivially. Label spaces are disjoint: no class name appears in two tasks.
+Every image is drawn at 64 px, then downsampled and noised, so a small ViT can learn each
+task well but not trivially. An image has one of two looks. The *web* look (random
+backgrounds, colours and a little clutter) is what pretraining mostly sees. Each task's
+benchmark split has its own *domain* (`LOOKS`: MNIST-like white strokes on black, small
+print on paper, small far-away objects...). Real CLIP is weak on MNIST or EuroSAT because their
+images look unlike web photos, not because it never read the class names, and this world
+is weak zero-shot for the same reason. Label spaces are disjoint: no class name appears in
+two tasks.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from cache.files import atomic_path
 
@@ -71,6 +77,35 @@ ALIASES = {
 }
 
 
+@dataclass(frozen=True)
+class Look:
+    """How images are drawn: the web's look (the defaults) or a task's benchmark domain."""
+    about: str = "web: random backgrounds and colours"
+    background: str = "web"          # web (solid, gradient or blotches) | dark | paper | noise
+    ink: str = "contrast"            # contrast (any colour far from the background) | white | black
+    scale: tuple[float, float] = (1.0, 1.0)  # the picture shrunk by this and placed at random on its background
+    rotate: float = 0.0              # at most this many degrees either way
+    blur: float = 0.0
+    gray: bool = False
+    invert: bool = False
+
+
+WEB = Look()
+LOOKS = {  # each task's benchmark domain; none moves a class into another (no rotation for arrows' diagonals...)
+    "digits": Look("white strokes on black, gray and tilted (MNIST)", background="dark", ink="white", rotate=20,
+                   blur=0.6, gray=True),
+    "letters": Look("small dark print on paper (a scan)", background="paper", ink="black", scale=(0.6, 0.8),
+                    blur=0.6),
+    "shapes": Look("inverted colours on sensor noise", background="noise", invert=True),
+    "colors": Look("small swatches seen from far away (aerial)", background="noise", scale=(0.4, 0.6)),
+    "textures": Look("tilted and soft", rotate=12, blur=0.7),
+    "counts": Look("small black dots on paper", background="paper", ink="black", scale=(0.7, 0.8)),
+    "arrows": Look("small signs on noise (street view)", background="noise", scale=(0.6, 0.8), rotate=8),
+    "positions": Look("bright blurred marks on dark noise (a night camera)", background="noise", ink="black",
+                      invert=True, blur=0.8),
+}
+
+
 def _check(task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: the miniature world has {', '.join(TASK_NAMES)}")
@@ -101,7 +136,17 @@ def _colour(rng, avoid=None, min_dist=120) -> tuple[int, int, int]:
     return tuple(255 - v for v in avoid)
 
 
-def _background(rng) -> tuple[np.ndarray, tuple[int, int, int]]:
+def _background(rng, look: Look = WEB, base=None) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A background in the look's style (around `base`, the colour of one drawn already)."""
+    if look.background in ("dark", "paper", "noise"):
+        if base is None:
+            base = {"dark": rng.uniform(0, 40, 3), "noise": rng.uniform(60, 190, 3),
+                    "paper": np.array([235, 228, 210]) + rng.uniform(-15, 15, 3)}[look.background]
+        base = np.asarray(base, np.float32)
+        img = np.broadcast_to(base, (CANVAS, CANVAS, 3))
+        if look.background == "noise":
+            img = np.clip(base + rng.normal(0, 45, (CANVAS, CANVAS, 3)), 0, 255)
+        return img.astype(np.float32), tuple(int(v) for v in base)
     kind = rng.integers(3)
     base = np.array(_colour(rng), dtype=np.float32)
     if kind == 0:
@@ -201,22 +246,52 @@ def _texture(label: int, rng) -> np.ndarray:
     return np.where(mask[..., None], a, b)
 
 
+def _ink(rng, look: Look, bg) -> tuple[int, int, int]:
+    if look.ink == "white":
+        return tuple(int(v) for v in rng.uniform(215, 255, 3))
+    if look.ink == "black":
+        return tuple(int(v) for v in rng.uniform(0, 50, 3))
+    return _colour(rng, avoid=bg, min_dist=200)
+
+
+def _restyle(img: Image.Image, look: Look, rng, bg) -> Image.Image:
+    """A drawn picture in the look's domain: rotated, shrunk onto its background, blurred, toned."""
+    if look.rotate:
+        img = img.rotate(rng.uniform(-look.rotate, look.rotate), resample=Image.Resampling.BILINEAR, fillcolor=bg)
+    if look.scale != (1.0, 1.0):
+        side = int(CANVAS * rng.uniform(*look.scale))
+        base = Image.fromarray(_background(rng, look, bg)[0].astype(np.uint8))
+        x, y = rng.integers(0, CANVAS - side + 1, 2)
+        base.paste(img.resize((side, side), Image.Resampling.BOX), (int(x), int(y)))
+        img = base
+    if look.blur:
+        img = img.filter(ImageFilter.GaussianBlur(look.blur))
+    if look.gray:
+        img = ImageOps.autocontrast(ImageOps.grayscale(img), cutoff=1).convert("RGB")
+    if look.invert:
+        img = ImageOps.invert(img)
+    return img
+
+
 def render(task: str, label: int, rng: np.random.Generator, size: int = 32, noise: float = 8.0,
-           clutter: int = 3) -> np.ndarray:
-    """One image of `task` with class `label`, as uint8 (size, size, 3); `noise` is the pixel
-    noise std and `clutter` the most random marks drawn over the background."""
+           clutter: int = 3, look: Look = WEB) -> np.ndarray:
+    """One image of `task` with class `label` in `look` (the web's, or `LOOKS[task]`), as uint8
+    (size, size, 3); `noise` is the pixel noise std and `clutter` the most random marks drawn
+    over the background."""
     _check(task)
     names = TASKS[task][0]
     if not 0 <= label < len(names):
         raise ValueError(f"label {label} out of range for task {task!r} ({len(names)} classes)")
     if task == "textures":
-        canvas, bg = _texture(label, rng), (0, 0, 0)
+        canvas = _texture(label, rng)
+        bg = tuple(int(v) for v in canvas.reshape(-1, 3).mean(0))
     else:
-        canvas, bg = _background(rng)
+        canvas, bg = _background(rng, look)
     img = Image.fromarray(canvas.astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    _clutter(draw, rng, int(rng.integers(0, clutter + 1)))
-    fg = _colour(rng, avoid=bg, min_dist=200)
+    if look.background == "web":
+        _clutter(draw, rng, int(rng.integers(0, clutter + 1)))
+    fg = _ink(rng, look, bg)
     jx, jy = rng.uniform(-6, 6, 2)
     cx, cy = CANVAS / 2 + jx, CANVAS / 2 + jy
     if task in ("digits", "letters"):
@@ -245,6 +320,8 @@ def render(task: str, label: int, rng: np.random.Generator, size: int = 32, nois
         py = (row + 0.5) * CANVAS / 3 + rng.uniform(-4, 4)
         _shape(draw, ["circle", "square", "triangle", "star"][int(rng.integers(4))], px, py, rng.uniform(7, 10),
                rng.uniform(0, 2 * math.pi), fg, bg)
+    if look != WEB:
+        img = _restyle(img, look, rng, bg)
     small = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
     return np.clip(small + rng.normal(0, noise, small.shape), 0, 255).astype(np.uint8)
 
@@ -259,13 +336,27 @@ def _write_split(path: Path, task: str, split: str, n: int, size: int, seed: int
     index = TASK_NAMES.index(task)
     rng = np.random.default_rng([seed, index, 0 if split == "train" else 1])
     labels = rng.permutation(np.arange(n) % len(TASKS[task][0]))
-    images = [{"bytes": _png(render(task, int(y), rng, size, **style)), "path": f"{split}/{i:06d}.png"}
-              for i, y in enumerate(labels)]
+    images = [{"bytes": _png(render(task, int(y), rng, size, **style, look=LOOKS[task])),
+               "path": f"{split}/{i:06d}.png"} for i, y in enumerate(labels)]
     table = pa.table({"image": pa.array(images, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
                       "label": pa.array(labels, type=pa.int64())})
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def web_images(task: str, n: int, *, in_domain: float, size: int = 32, seed: int = 0, noise: float = 8.0,
+               clutter: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`n` pretraining images of `task`'s classes as the web shows them: the web look, and a
+    share `in_domain` in the task's benchmark look. (uint8 images (n, size, size, 3), labels,
+    which are in the benchmark look.)"""
+    _check(task)
+    rng = np.random.default_rng([seed, TASK_NAMES.index(task), 2])
+    labels = rng.permutation(np.arange(n) % len(TASKS[task][0]))
+    looks = rng.random(n) < in_domain
+    pictures = [render(task, int(y), rng, size, noise, clutter, LOOKS[task] if d else WEB)
+                for y, d in zip(labels, looks)]
+    return np.stack(pictures), labels, looks
 
 
 def write_task(root: Path, task: str, *, n_train: int, n_test: int, size: int = 32, seed: int = 0,
@@ -278,6 +369,7 @@ def write_task(root: Path, task: str, *, n_train: int, n_test: int, size: int = 
                      {"noise": noise, "clutter": clutter})
     meta = {"name": task, "classnames": classnames(task), "templates": templates(task),
             "aliases": aliases(task)[0], "alias_templates": aliases(task)[1], "image_size": size,
-            "n_train": n_train, "n_test": n_test, "seed": seed, "noise": noise, "clutter": clutter}
+            "n_train": n_train, "n_test": n_test, "seed": seed, "noise": noise, "clutter": clutter,
+            "domain": LOOKS[task].about}
     (out / "task.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out

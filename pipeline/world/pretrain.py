@@ -1,13 +1,14 @@
 """Contrastive pretraining of the miniature world's small open_clip CLIP.
 
-An image's caption names its class with the task's own class names for a fraction `named`
-of the images, with other words for the class (aliases: numerals, compass points, ...) for a
-fraction `alias`, and is a broad, task-level caption otherwise. That mimics web-scale
-pretraining, where the images are described, but rarely in the words of a benchmark's label
-space: the image features learn the classes, the zero-shot prompts align with them only
-weakly, and fine-tuning has a lot to gain from a small change. The loss is CLIP's symmetric
-InfoNCE with every pair sharing a caption meaning (task and class) counted as a positive
-(otherwise identical captions in a batch fight each other and class embeddings collapse).
+The images are the web's (`images.web_images`: every class, mostly in the web look, rarely
+in the task's benchmark domain). An image's caption names its class with the task's own class
+names for a fraction `named` of the images, with other words for the class (aliases:
+numerals, compass points, ...) for a fraction `alias`, and is a broad, task-level caption
+otherwise. Every class name is read in pretraining, so the zero-shot prompts mean something;
+zero-shot stays weak because the benchmark's images look unlike the web's, and fine-tuning
+adapts the features to the domain. The loss is CLIP's symmetric InfoNCE with every pair
+sharing a caption meaning (task and class) counted as a positive (otherwise identical
+captions in a batch fight each other and class embeddings collapse).
 """
 from __future__ import annotations
 
@@ -36,10 +37,13 @@ class Captions:
         return ([broad_caption(self.task)] + [t.format(c) for t in self.templates for c in self.classnames]
                 + [t.format(a) for t in self.alias_templates for a in self.aliases])
 
-    def sample(self, label: int, generator: torch.Generator) -> tuple[str, bool]:
-        """A caption for an image of class `label`, and whether it names the class at all."""
+    def sample(self, label: int, generator: torch.Generator, in_domain: bool = False) -> tuple[str, bool]:
+        """A caption for an image of class `label`, and whether it names the class at all. An
+        image in the benchmark's domain is never captioned with the class names (the web calls
+        an MNIST-like seven "7"), so the zero-shot prompts meet that domain only through the
+        web look's images."""
         u = torch.rand(1, generator=generator).item()
-        if u < self.named:
+        if u < self.named and not in_domain:
             names, templates = self.classnames, self.templates
         elif u < self.named + self.alias:
             names, templates = self.aliases, self.alias_templates
@@ -77,15 +81,14 @@ def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tenso
 
 
 def pretrain(model: open_clip.CLIP, tokenizer: WordTokenizer, images: list[torch.Tensor], labels: list[torch.Tensor],
-             captions: list[Captions], *, steps: int, batch_size: int, lr: float,
+             in_domain: list[torch.Tensor], captions: list[Captions], *, steps: int, batch_size: int, lr: float,
              weight_decay: float, seed: int, device: torch.device, progress: Callable = lambda it: it) -> list[float]:
-    """Pretrain on images[i] / labels[i], captioned by captions[i]."""
+    """Pretrain on images[i] / labels[i] (in the benchmark's domain where in_domain[i]), captioned by captions[i]."""
     generator = torch.Generator().manual_seed(seed)
     model = model.to(device).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.1)
     sizes = torch.tensor([len(x) for x in images])
-    offsets = torch.cumsum(sizes, 0) - sizes
     n_classes = max(len(c.classnames) for c in captions) + 1
     curve = []
     for _ in progress(range(steps)):
@@ -95,7 +98,7 @@ def pretrain(model: open_clip.CLIP, tokenizer: WordTokenizer, images: list[torch
         for t, r in zip(task_ids.tolist(), rows.tolist()):
             label = int(labels[t][r])
             batch.append(images[t][r])
-            text, specific = captions[t].sample(label, generator)
+            text, specific = captions[t].sample(label, generator, bool(in_domain[t][r]))
             texts.append(text)
             ids.append(t * n_classes + (label if specific else n_classes - 1))
         x = torch.stack(batch).to(device)

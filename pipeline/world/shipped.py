@@ -1,0 +1,96 @@
+"""The miniature world's encoders as shipped with the code (the pretrained CLIP, the fine-tuned
+encoders, the Traditional MTL encoder), so that a first `make repro` takes minutes, not the
+pretraining's quarter of an hour on two cores.
+
+They play the part the downloaded checkpoints play in the real setting and are checked the
+same way: every file against the sha256 in the manifest. `repsurgery build-world` builds them
+from scratch through the stages' own code and writes them here. The stages use them only when
+the params and the world's code (`pipeline/world`) are the ones that built them; any other
+world (the tests' tiny one, an experiment on `pretrain.steps`) is built from scratch.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from cache.files import atomic_path, sha256_file, tree_digest
+from pipeline import workspace
+from pipeline.errors import PipelineError
+
+ROOT = Path(__file__).resolve().parents[1] / "assets" / "world"
+MANIFEST = ROOT / "manifest.json"
+PARTS = {"pretrained": workspace.PRETRAINED, "finetuned": workspace.FINETUNED, "mtl": workspace.MTL}
+WORLD = ("tasks", "world", "model", "pretrain")
+SECTIONS = {"pretrained": WORLD, "finetuned": (*WORLD, "finetune"), "mtl": (*WORLD, "mtl")}  # what shapes each part
+
+
+def recipe(params, part: str) -> dict[str, Any]:
+    """What a shipped part is a function of: the params sections that shape it and the world's code."""
+    dumped = params.model_dump()
+    return {"params": {key: dumped[key] for key in SECTIONS[part]},
+            "code": tree_digest(Path(__file__).resolve().parent)}
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def manifest() -> dict | None:
+    return json.loads(MANIFEST.read_text()) if MANIFEST.exists() else None
+
+
+def differences(params, part: str) -> str:
+    """Why the shipped `part` does not fit these params ("" when it does)."""
+    shipped = manifest()
+    if shipped is None:
+        return f"none are shipped ({MANIFEST} is missing)"
+    current, built = recipe(params, part), shipped["parts"][part]["recipe"]
+    changed = [f"params `{key}`" for key in SECTIONS[part]
+               if not _same(current["params"][key], built["params"].get(key))]
+    if current["code"] != built["code"]:
+        changed.append("the world's code (pipeline/world)")
+    return f"the shipped ones were built with other {', '.join(changed)}" if changed else ""
+
+
+def install(part: str, params) -> bool:
+    """Copy the shipped `part` into the workspace if it fits `params`, checking every file.
+    False (nothing copied) when it must be built from scratch, with the reason printed."""
+    why = differences(params, part)
+    if why:
+        print(f"{part}: building from scratch, as {why} (`repsurgery build-world` ships new ones)")
+        return False
+    files = manifest()["parts"][part]["files"]
+    for name, sha in files.items():
+        source = ROOT / part / name
+        if not source.exists() or sha256_file(source).hexdigest() != sha:
+            raise PipelineError(f"shipped world encoder file {source} is missing or damaged (its sha256 is not the "
+                                f"one in {MANIFEST}). Restore it with `git checkout -- {ROOT}`, or rebuild every "
+                                "shipped encoder with `repsurgery build-world`")
+    target = PARTS[part]
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in files:
+        with atomic_path(target / name) as tmp:
+            shutil.copyfile(ROOT / part / name, tmp)
+    print(f"{part}: the shipped world encoders ({len(files)} files, checked against {MANIFEST}) -> {target}/")
+    return True
+
+
+def publish(params, built_with: dict[str, Any]) -> None:
+    """Ship the workspace's freshly built encoders: staged beside, then swapped in whole."""
+    parts = {}
+    staging = ROOT.with_name(ROOT.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    for part, source in PARTS.items():
+        (staging / part).mkdir(parents=True)
+        files = {}
+        for path in sorted(p for p in source.iterdir() if p.is_file()):
+            shutil.copyfile(path, staging / part / path.name)
+            files[path.name] = sha256_file(path).hexdigest()
+        parts[part] = {"files": files, "recipe": recipe(params, part)}
+    (staging / "manifest.json").write_text(json.dumps({"built_with": built_with, "parts": parts}, indent=1) + "\n")
+    shutil.rmtree(ROOT, ignore_errors=True)
+    staging.rename(ROOT)
