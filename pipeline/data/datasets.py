@@ -108,6 +108,30 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(image) if self.transform else image
 
 
+class Remembered(torch.utils.data.Dataset):
+    """A dataset whose items are kept after their first decode, for the endless shuffled batches
+    of a learned merge (100 steps of AdaMerging decode every world test image three times)."""
+
+    BUDGET = 256 * 2**20  # bytes of preprocessed images worth keeping; larger splits are decoded again
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset, self.items = dataset, {}
+
+    @classmethod
+    def fits(cls, dataset: torch.utils.data.Dataset) -> bool:
+        """Small enough to keep, and read in this process (no loader workers, which would keep copies)."""
+        rows = len(dataset)
+        return loader_workers(rows) == 0 and rows * dataset[0].numel() * 4 <= cls.BUDGET
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index not in self.items:
+            self.items[index] = self.dataset[index]
+        return self.items[index]
+
+
 def loader_workers(rows: int) -> int:
     """Decoding worker processes for a split of `rows` images: none for small splits (starting
     them costs more than they save), else one per spare core, at most 4."""

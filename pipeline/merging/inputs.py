@@ -101,9 +101,11 @@ class MergeInputs:
 
     def stream(self, task: int, batch_size: int, seed: int, split: str = "test") -> Iterator[torch.Tensor]:
         """Endless shuffled batches of task `task`'s unlabeled images, reshuffled every epoch."""
-        from pipeline.data.datasets import loader
+        from pipeline.data.datasets import Remembered, loader
 
         dataset = self.dataset(task, split)
+        if Remembered.fits(dataset):
+            dataset = Remembered(dataset)
         for epoch in itertools.count():
             yield from loader(dataset, batch_size, shuffle=True, seed=seed + epoch)
 
