@@ -64,14 +64,11 @@ def entropy(logit: torch.Tensor) -> torch.Tensor:
 
 def step(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch.Tensor],
          batches: list[torch.Tensor]) -> float:
-    """One AdaMerging step's gradient, accumulated task by task: the merged weights are built
-    once (their graph kept until the last task's backward), each task's activations freed after
-    its own backward. Returns the summed loss."""
-    params = coeffs.merged()
+    """One AdaMerging step's gradient, accumulated task by task; returns the summed loss."""
     total = 0.0
-    for i, (head, images) in enumerate(zip(heads, batches)):
-        loss = entropy(logits(functional_call(encoder, params, (images,)), head))
-        loss.backward(retain_graph=i < len(heads) - 1)
+    for head, images in zip(heads, batches):
+        loss = entropy(logits(functional_call(encoder, coeffs.merged(), (images,)), head))
+        loss.backward()
         total += loss.item()
     return total
 

@@ -88,9 +88,8 @@ def learn_mask(encoder: torch.nn.Module, pretrained: StateDict, summed: StateDic
                streams: list[Iterator[torch.Tensor]], *, scaling: float, temperature: float, steps: int, lr: float,
                init_logit: float, generator: torch.Generator, device: torch.device,
                progress: Callable = lambda it: it) -> tuple[StateDict, list[float]]:
-    """Adam on the shared mask logits against the entropy summed over tasks (the masked weights
-    built once per step, gradients accumulated task by task); returns the logits (on CPU) and
-    the loss curve."""
+    """Adam on the shared mask logits against the entropy summed over tasks (gradients accumulated
+    task by task); returns the logits (on CPU) and the loss curve."""
     encoder = encoder.to(device).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
@@ -104,12 +103,12 @@ def learn_mask(encoder: torch.nn.Module, pretrained: StateDict, summed: StateDic
     for _ in progress(range(steps)):
         optimiser.zero_grad(set_to_none=True)
         noise = {k: logistic_noise(v, generator) for k, v in mask_logits.items()}
-        mask = {k: relaxed(v, noise[k], temperature) for k, v in mask_logits.items()}
-        params = masked_task_arithmetic(pretrained, summed, mask, scaling)  # its graph kept for every task
         total = 0.0
-        for i, (head, stream) in enumerate(zip(heads, streams)):
+        for head, stream in zip(heads, streams):
+            mask = {k: relaxed(v, noise[k], temperature) for k, v in mask_logits.items()}
+            params = masked_task_arithmetic(pretrained, summed, mask, scaling)
             loss = entropy(logits(functional_call(encoder, params, (next(stream).to(device),)), head))
-            loss.backward(retain_graph=i < len(heads) - 1)
+            loss.backward()
             total += loss.item()
         optimiser.step()
         curve.append(total)
