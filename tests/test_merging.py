@@ -121,3 +121,27 @@ def test_a_method_runs_under_several_keys_with_its_own_params_and_readable_label
     assert entries["task_arithmetic"].label == "Task Arithmetic (task_arithmetic)"
     assert entries["ta_half"].label == "Task Arithmetic (ta_half)"
     assert entries["lw"].label == "Layer-wise AdaMerging"
+
+
+def test_a_learned_merge_decodes_each_image_of_a_small_split_once():
+    from pipeline.data.datasets import Remembered, loader
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self, rows: int, side: int = 4):
+            self.rows, self.side, self.decoded = rows, side, 0
+
+        def __len__(self):
+            return self.rows
+
+        def __getitem__(self, index):
+            self.decoded += 1
+            return torch.full((3, self.side, self.side), float(index))
+
+    small = Counting(40)
+    assert Remembered.fits(small)
+    kept = Remembered(small)
+    epochs = [torch.cat(list(loader(kept, 16, shuffle=True, seed=epoch))) for epoch in range(3)]
+    assert small.decoded == 1 + 40  # the size check, then each image once over three epochs
+    assert sorted(epochs[2][:, 0, 0, 0].tolist()) == list(range(40))
+    assert not Remembered.fits(Counting(4097)), "splits read by loader workers are decoded as before"
+    assert not Remembered.fits(Counting(1000, side=224)), "and so are splits over the memory budget"

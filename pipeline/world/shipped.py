@@ -5,17 +5,18 @@ pretraining's quarter of an hour on two cores.
 They play the part the downloaded checkpoints play in the real setting and are checked the
 same way: every file against the sha256 in the manifest. `repsurgery build-world` builds them
 from scratch through the stages' own code and writes them here. The stages use them only when
-the params and the world's code (`pipeline/world`) are the ones that built them; any other
+the params and the world's code (`CODE`) are the ones that built them; any other
 world (the tests' tiny one, an experiment on `pretrain.steps`) is built from scratch.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from cache.files import atomic_path, sha256_file, tree_digest
+from cache.files import atomic_path, sha256_file
 from pipeline import workspace
 from pipeline.errors import PipelineError
 
@@ -24,13 +25,16 @@ MANIFEST = ROOT / "manifest.json"
 PARTS = {"pretrained": workspace.PRETRAINED, "finetuned": workspace.FINETUNED, "mtl": workspace.MTL}
 WORLD = ("tasks", "world", "model", "pretrain")
 SECTIONS = {"pretrained": WORLD, "finetuned": (*WORLD, "finetune"), "mtl": (*WORLD, "mtl")}  # what shapes each part
+CODE = ("images.py", "pretrain.py", "finetune.py", "mtl.py")  # the world's code that shapes the encoders
 
 
 def recipe(params, part: str) -> dict[str, Any]:
     """What a shipped part is a function of: the params sections that shape it and the world's code."""
     dumped = params.model_dump()
-    return {"params": {key: dumped[key] for key in SECTIONS[part]},
-            "code": tree_digest(Path(__file__).resolve().parent)}
+    code = hashlib.sha256()
+    for name in CODE:
+        sha256_file(Path(__file__).with_name(name), code)
+    return {"params": {key: dumped[key] for key in SECTIONS[part]}, "code": code.hexdigest()}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -50,7 +54,7 @@ def differences(params, part: str) -> str:
     changed = [f"params `{key}`" for key in SECTIONS[part]
                if not _same(current["params"][key], built["params"].get(key))]
     if current["code"] != built["code"]:
-        changed.append("the world's code (pipeline/world)")
+        changed.append(f"world code ({', '.join(CODE)} in pipeline/world)")
     return f"the shipped ones were built with other {', '.join(changed)}" if changed else ""
 
 
