@@ -13,8 +13,8 @@ from pipeline.features import jobs as planning
 from pipeline.features.extraction import extract
 from pipeline.models import clip
 from pipeline.models.checkpoints import load_heads, save_state
-from pipeline.world.finetune import train_images
 from pipeline.world import shipped
+from pipeline.world.finetune import train_images
 from pipeline.world.mtl import train_multitask
 from stages.common import progress
 
