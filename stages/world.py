@@ -48,7 +48,7 @@ def build_pretrained(params: Params, device: torch.device, from_scratch: bool = 
     }
     torch.manual_seed(world.seed)
     model = clip.build_clip(spec)
-    loaded = [web_images(t, spec, world, share(cfg.in_domain, t))
+    loaded = [pretraining_images(t, spec, world, share(cfg.in_domain, t))
               for t in progress(params.tasks, desc="draw pretraining images", unit="task")]
     pictures, labels, in_domain = map(list, zip(*loaded))
     curve = pretrain(
@@ -63,7 +63,7 @@ def build_pretrained(params: Params, device: torch.device, from_scratch: bool = 
     print(f"pretrained CLIP written to {workspace.PRETRAINED}/ (loss {curve[0]:.3f} -> {curve[-1]:.3f})")
 
 
-def web_images(task: str, spec: dict, world, in_domain: float) -> tuple[torch.Tensor, ...]:
+def pretraining_images(task: str, spec: dict, world, in_domain: float) -> tuple[torch.Tensor, ...]:
     """The pretraining images of a task (as the web shows them), preprocessed as the benchmark's
     are, their labels and which are in the benchmark's domain."""
     pictures, labels, looks = world_images.web_images(task, world.n_train, in_domain=in_domain,

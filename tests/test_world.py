@@ -183,6 +183,12 @@ def test_a_damaged_shipped_encoder_is_refused_with_its_fix(assets):
     with pytest.raises(PipelineError, match=r"digits.safetensors is missing or damaged.*git checkout.*build-world"):
         shipped.install("finetuned", params)
     assert not workspace.FINETUNED.exists(), "nothing half-copied"
+    manifest = assets / "manifest.json"
+    for broken in ("{ not json", json.dumps({"parts": {}})):
+        manifest.write_text(broken)
+        with pytest.raises(PipelineError, match=r"manifest.json (is not valid JSON|lacks).*git checkout.*build-world"):
+            shipped.install("pretrained", params)
+    assert not workspace.PRETRAINED.exists()
 
 
 def test_the_default_params_use_the_shipped_encoders_and_they_are_intact():

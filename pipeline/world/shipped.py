@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cache.files import atomic_path, sha256_file
+from cache.files import sha256_file, temporary_sibling
 from pipeline import workspace
 from pipeline.errors import PipelineError
 
@@ -42,7 +42,19 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def manifest() -> dict | None:
-    return json.loads(MANIFEST.read_text()) if MANIFEST.exists() else None
+    if not MANIFEST.exists():
+        return None
+    fix = f"Restore it with `git checkout -- {ROOT}`, or rebuild every shipped encoder with `repsurgery build-world`"
+    try:
+        shipped = json.loads(MANIFEST.read_text())
+    except ValueError as exc:
+        raise PipelineError(f"{MANIFEST} is not valid JSON ({exc}). {fix}") from None
+    parts = shipped.get("parts") if isinstance(shipped, dict) else None
+    missing = [part for part in PARTS
+               if not isinstance(parts, dict) or not {"files", "recipe"} <= set(parts.get(part, {}))]
+    if missing:
+        raise PipelineError(f"{MANIFEST} lacks the files or recipe of {', '.join(missing)}. {fix}")
+    return shipped
 
 
 def differences(params, part: str) -> str:
@@ -73,12 +85,12 @@ def install(part: str, params) -> bool:
                                 f"one in {MANIFEST}). Restore it with `git checkout -- {ROOT}`, or rebuild every "
                                 "shipped encoder with `repsurgery build-world`")
     target = PARTS[part]
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
+    staging = temporary_sibling(target)  # complete before it replaces the workspace's part
+    staging.mkdir(parents=True)
     for name in files:
-        with atomic_path(target / name) as tmp:
-            shutil.copyfile(ROOT / part / name, tmp)
+        shutil.copyfile(ROOT / part / name, staging / name)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
     print(f"{part}: the shipped world encoders ({len(files)} files, checked against {MANIFEST}) -> {target}/")
     return True
 
