@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import open_clip
 import torch
 
 from cache.files import write_text
@@ -64,6 +63,8 @@ def prepare_pretrained(params: Params, device: torch.device) -> None:
     spec = clip.spec_from_open_clip(pretrained.arch, config, str(pretrained.weights))
     weights = sources.pretrained_weights(params.source)
     model = clip.build_clip(spec)
+    import open_clip  # here, not above: the world's stages copy shipped weights without it
+
     try:
         open_clip.load_checkpoint(model, str(weights), strict=True)  # weights_only loading
     except Exception as exc:

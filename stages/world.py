@@ -15,8 +15,6 @@ from pipeline.config import Params
 from pipeline.models import clip
 from pipeline.models.checkpoints import load_heads, save_state
 from pipeline.world import images as world_images, shipped
-from pipeline.world.finetune import finetune, train_images
-from pipeline.world.pretrain import Captions, build_tokenizer, model_config, pretrain
 from stages.common import progress
 
 
@@ -36,6 +34,8 @@ def build_data(params: Params) -> None:
 def build_pretrained(params: Params, device: torch.device, from_scratch: bool = False) -> None:
     if not from_scratch and shipped.install("pretrained", params):
         return
+    from pipeline.world.pretrain import Captions, build_tokenizer, model_config, pretrain  # imports open_clip
+
     world, cfg = params.world, params.pretrain
     share = lambda shares, task: shares.get(task, shares["default"])  # noqa: E731
     captions = [Captions(t, world_images.classnames(t), world_images.templates(t), *world_images.aliases(t),
@@ -77,6 +77,8 @@ def pretraining_images(task: str, spec: dict, world, in_domain: float) -> tuple[
 def build_finetuned(params: Params, device: torch.device, from_scratch: bool = False) -> None:
     if not from_scratch and shipped.install("finetuned", params):
         return
+    from pipeline.world.finetune import finetune, train_images  # imports open_clip
+
     cfg = params.finetune
     model, spec = clip.load_clip(workspace.PRETRAINED)
     heads = load_heads(workspace.HEADS, params.tasks)

@@ -5,6 +5,7 @@ the balance between its parts (decode, forward, write) does.
 """
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from pathlib import Path
@@ -155,7 +156,8 @@ def adamerging_figures(encoder: torch.nn.Module, coeffs: adamerging.MergeCoeffic
     persistent = [*encoder.parameters(), *encoder.buffers(), *coeffs.pretrained.values(),
                   *coeffs.vectors.values(), *batches, *heads]
     out = {}
-    for name, fn in (("task_by_task", adamerging.step), ("all_graphs", adamerging.step_all_graphs)):
+    per_task = functools.partial(adamerging.step, graph_inputs=0)  # real-size images' grouping, at any size
+    for name, fn in (("task_by_task", per_task), ("all_graphs", adamerging.step_all_graphs)):
         def one_step():
             coeffs.lambdas.grad = None
             fn(encoder, coeffs, heads, batches)

@@ -102,7 +102,7 @@ def run_bench(params: Params, device: torch.device, *, method: str = "ties_mergi
     ada = next((params.merge_entry(k).params for k in params.methods if params.merge_entry(k).method == "adamerging"),
                registry.get("adamerging").params())
     print(f"bench 4: layer-wise AdaMerging step, task by task vs all graphs alive ({adamerging_steps} steps)")
-    inputs = load_inputs(registry.get("weight_averaging"), names, device=device, progress=progress)
+    inputs = load_inputs(registry.get("adamerging"), names, device=device, progress=progress)
     coeffs = adamerging.MergeCoefficients(inputs.pretrained, inputs.vectors, layer_wise=True, init=ada.init)
     heads = load_heads(workspace.HEADS, names)
     per_task = ada.batch_size * ada.batches_per_task

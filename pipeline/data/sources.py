@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import open_clip
 
 from pipeline.data import hub
 from pipeline.errors import PipelineError
@@ -23,6 +22,8 @@ def pretrained_hub_ref(pretrained) -> hub.HubRef | None:
     weights = str(pretrained.weights)
     if Path(weights).expanduser().suffix in (".pt", ".bin", ".pth", ".safetensors") or not pretrained.arch:
         return None
+    import open_clip  # seconds to import, and only this function needs it
+
     cfg = open_clip.get_pretrained_cfg(pretrained.arch, weights)
     if not cfg.get("hf_hub"):
         raise PipelineError(f"open_clip has no Hub copy of {pretrained.arch} / {weights!r}: download the weights "

@@ -23,7 +23,7 @@ class MergeInputs:
     tasks: list[str]
     pretrained: StateDict
     finetuned: list[StateDict]
-    encoder: torch.nn.Module | None = None          # the pretrained image tower, for functional calls
+    encoder: torch.nn.Module | None = None          # the pretrained image tower, for functional calls ("images")
     _heads: list[torch.Tensor] | None = None         # one zero-shot head per task
     _datasets: list | None = None                    # unlabeled, preprocessed images per task (test split)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -126,8 +126,11 @@ def load_inputs(method, tasks: list[str], *, device: torch.device, progress: Cal
     from pipeline.models import clip
     from pipeline.models.checkpoints import load_heads, load_state
 
-    encoder = clip.image_encoder(workspace.PRETRAINED)
-    pretrained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    if "images" in method.needs:  # forward passes: the image tower itself
+        encoder = clip.image_encoder(workspace.PRETRAINED)
+        pretrained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    else:  # weights only, without building the model (and importing open_clip: seconds per merge)
+        encoder, pretrained = None, clip.image_state(workspace.PRETRAINED)
     finetuned = [load_state(workspace.finetuned_checkpoint(t), like=pretrained,
                             hint="Run `repsurgery prepare-finetuned` to create it.") for t in tasks]
     inputs = MergeInputs(method.name, list(tasks), pretrained, finetuned, encoder=encoder, progress=progress,

@@ -3,18 +3,25 @@
 A spec is either {"model_cfg": <open_clip model config>, "tokenizer": ..., "preprocess": ...}
 for a model defined here (the miniature world), or {"arch": "ViT-B-32-quickgelu",
 "pretrained": "openai"} for an open_clip architecture.
+
+open_clip is imported where a model is built, not with this module: importing it takes
+seconds, which every stage that only reads weights (a copy, a training-free merge) would pay.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import open_clip
+from typing import TYPE_CHECKING
+
 import torch
 
 from pipeline.models.checkpoints import StateDict, load_state
 from pipeline.errors import PipelineError
 from pipeline.models.tokenizer import WordTokenizer
+
+if TYPE_CHECKING:
+    import open_clip
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -29,6 +36,8 @@ def read_spec(model_dir: Path) -> dict:
 
 def build_clip(spec: dict, device: str = "cpu") -> open_clip.CLIP:
     """A randomly initialised CLIP of the spec's architecture (`device="meta"`: shapes only, at once)."""
+    import open_clip
+
     with torch.device(device):
         if "model_cfg" in spec:
             return open_clip.CLIP(**spec["model_cfg"])
@@ -39,6 +48,8 @@ def build_clip(spec: dict, device: str = "cpu") -> open_clip.CLIP:
 def spec_from_open_clip(arch: str | None = None, config: dict | None = None, tag: str | None = None) -> dict:
     """The spec of an open_clip architecture (by name, or an inline model config), with the
     preprocessing its pretrained weights expect and QuickGELU where they were trained with it."""
+    import open_clip
+
     if (arch is None) == (config is None):
         raise PipelineError("give exactly one of an open_clip architecture name or a model config")
     if arch is not None and arch not in open_clip.list_models():
@@ -80,6 +91,8 @@ def tokenizer_for(spec: dict):
     tok = spec.get("tokenizer", {})
     if tok.get("kind") == "words":
         return WordTokenizer(tok["vocab"], tok["context_length"])
+    import open_clip
+
     if "arch" in spec:
         return open_clip.get_tokenizer(spec["arch"])
     return open_clip.SimpleTokenizer(context_length=spec["model_cfg"]["text_cfg"].get("context_length", 77))
@@ -87,12 +100,25 @@ def tokenizer_for(spec: dict):
 
 def preprocess_for(spec: dict):
     """open_clip's validation transform: the only preprocessing merging and surgery use."""
+    import open_clip
+
     pre = spec.get("preprocess", {})
     return open_clip.image_transform(
         pre.get("image_size", 224), is_train=False,
         mean=tuple(pre.get("mean", OPENAI_MEAN)), std=tuple(pre.get("std", OPENAI_STD)),
         interpolation=pre.get("interpolation"), resize_mode=pre.get("resize_mode"),
     )
+
+
+def image_state(model_dir: Path) -> StateDict:
+    """The pretrained image tower's weights (the `visual.` tensors, prefix dropped), read
+    without building the model."""
+    state = load_state(Path(model_dir) / "clip.safetensors", hint="Re-run `repsurgery prepare-pretrained`.")
+    visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    if not visual:
+        raise PipelineError(f"{Path(model_dir) / 'clip.safetensors'} holds no image tower (`visual.*` tensors): "
+                            "re-run `repsurgery prepare-pretrained`")
+    return visual
 
 
 def image_encoder(model_dir: Path, state: StateDict | None = None) -> torch.nn.Module:

@@ -4,6 +4,8 @@ theta = theta_0 + sum_t lambda_t * tau_t, one lambda per task (task-wise) or per
 parameter tensor (layer-wise), clamped to [0, 1] in the forward pass. Gradients are
 accumulated task by task (one backward per task) so peak memory is that of one task's
 graph, unlike the reference, which keeps every task's graph alive until one backward.
+Tasks whose images are small share one graph (`task_groups`): the same gradient, with one
+forward instead of T where each would cost more in per-call overhead than in memory.
 
 `coefficients: FILE` skips the learning and takes the coefficients the authors published
 (`pipeline/merging/coefficient_tables.py`): "paper coefficients + surgery" without relearning.
@@ -62,12 +64,41 @@ def entropy(logit: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1).mean()
 
 
+GRAPH_INPUTS = 2 ** 20  # input values (images x channels x pixels) up to which tasks share a graph
+
+
+def task_groups(batches: list[torch.Tensor], graph_inputs: int = GRAPH_INPUTS) -> list[list[int]]:
+    """Consecutive tasks whose batches together hold at most `graph_inputs` input values (a task
+    alone may hold more): one forward and backward per group. The miniature world's 32 px
+    images put every task in one group; real-size ones (224 px) give a group per task, so
+    peak memory stays that of one task's graph. 0: a group per task."""
+    groups: list[list[int]] = []
+    held = 0
+    for task, batch in enumerate(batches):
+        if groups and held + batch.numel() <= graph_inputs:
+            groups[-1].append(task)
+            held += batch.numel()
+        else:
+            groups.append([task])
+            held = batch.numel()
+    return groups
+
+
+def grouped_entropy(output: torch.Tensor, group: list[int], heads: list[torch.Tensor],
+                    batches: list[torch.Tensor]) -> torch.Tensor:
+    """The group's summed per-task entropies, from the features of its concatenated batches."""
+    parts = output.split([len(batches[t]) for t in group])
+    return sum(entropy(logits(part, heads[t])) for part, t in zip(parts, group))
+
+
 def step(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch.Tensor],
-         batches: list[torch.Tensor]) -> float:
-    """One AdaMerging step's gradient, accumulated task by task; returns the summed loss."""
+         batches: list[torch.Tensor], graph_inputs: int = GRAPH_INPUTS) -> float:
+    """One AdaMerging step's gradient, accumulated group by group (`task_groups`); returns the
+    summed loss."""
     total = 0.0
-    for head, images in zip(heads, batches):
-        loss = entropy(logits(functional_call(encoder, coeffs.merged(), (images,)), head))
+    for group in task_groups(batches, graph_inputs):
+        output = functional_call(encoder, coeffs.merged(), (torch.cat([batches[t] for t in group]),))
+        loss = grouped_entropy(output, group, heads, batches)
         loss.backward()
         total += loss.item()
     return total

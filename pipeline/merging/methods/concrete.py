@@ -15,7 +15,7 @@ authors' implementation in FusionBench does), merges theta = theta_0 + lambda * 
 zero-shot predictions on a batch of its images. Gradients are accumulated task by task (the
 mask recomputed from the same noise for each task), so memory is that of one task's graph
 plus a few encoder-sized tensors (the sum of the task vectors, logits, their Adam state),
-flat in the number of tasks.
+flat in the number of tasks; small images share a graph, as in AdaMerging (`task_groups`).
 
 The final mask (`final_mask`):
 - threshold (default): m = 1 where the learned probability sigmoid(l) >= 1/2, else 0, then
@@ -53,10 +53,9 @@ from pydantic import Field
 from torch.func import functional_call
 
 from pipeline.merging.inputs import MergeInputs, Split
-from pipeline.merging.methods.adamerging import adapt, entropy
+from pipeline.merging.methods.adamerging import adapt, grouped_entropy, task_groups
 from pipeline.merging.registry import Merged, merge_method
 from pipeline.merging.task_vectors import StateDict, apply, sum_vectors
-from pipeline.models.heads import logits
 
 Positive = Annotated[int, Field(gt=0)]
 Rate = Annotated[float, Field(gt=0)]
@@ -103,11 +102,13 @@ def learn_mask(encoder: torch.nn.Module, pretrained: StateDict, summed: StateDic
     for _ in progress(range(steps)):
         optimiser.zero_grad(set_to_none=True)
         noise = {k: logistic_noise(v, generator) for k, v in mask_logits.items()}
+        batches = [next(stream).to(device) for stream in streams]
         total = 0.0
-        for head, stream in zip(heads, streams):
+        for group in task_groups(batches):
             mask = {k: relaxed(v, noise[k], temperature) for k, v in mask_logits.items()}
             params = masked_task_arithmetic(pretrained, summed, mask, scaling)
-            loss = entropy(logits(functional_call(encoder, params, (next(stream).to(device),)), head))
+            output = functional_call(encoder, params, (torch.cat([batches[t] for t in group]),))
+            loss = grouped_entropy(output, group, heads, batches)
             loss.backward()
             total += loss.item()
         optimiser.step()
