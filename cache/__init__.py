@@ -4,7 +4,8 @@ The store's names are loaded on first use, so `cache.files` (atomic writes, hash
 without importing zarr and dask.
 """
 __all__ = ["CODE_VERSION", "FeatureStore", "IncompleteStoreError", "MissingStoreError", "StoreError",
-           "StoreMismatchError", "StoreWriter", "mean_abs_diff", "open_store", "open_writer", "write_region"]
+           "StoreMismatchError", "StoreWriter", "mean_abs_diff", "mean_abs_diffs", "open_store", "open_writer",
+           "write_region"]
 
 
 def __getattr__(name: str):

@@ -15,6 +15,7 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import zarr
@@ -386,10 +387,20 @@ def mean_abs_diff(a, b) -> float:
 
     In-memory inputs are chunked like the other (stored) operand so blocks line up without rechunking.
     """
-    lazy = [x for x in (a, b) if isinstance(x, (FeatureStore, da.Array))]
-    like = _as_dask(lazy[0]) if lazy else None
-    a, b = _as_dask(a, like), _as_dask(b, like)
-    if a.shape != b.shape:
-        raise ValueError(f"cannot compare features of shape {a.shape} and {b.shape}")
+    return mean_abs_diffs([(a, b)])[0]
+
+
+def mean_abs_diffs(pairs: list[tuple]) -> list[float]:
+    """`mean_abs_diff` of every pair, in one dask computation: one scheduler pass for them all
+    instead of one per pair, which costs more than the arithmetic on small stores."""
+    means, lazy = [], []
+    for a, b in pairs:
+        held = [x for x in (a, b) if isinstance(x, (FeatureStore, da.Array))]
+        like = _as_dask(held[0]) if held else None
+        a, b = _as_dask(a, like), _as_dask(b, like)
+        if a.shape != b.shape:
+            raise ValueError(f"cannot compare features of shape {a.shape} and {b.shape}")
+        means.append(abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+        lazy += held
     with decoding(*lazy):
-        return float(abs(a.astype(np.float64) - b.astype(np.float64)).mean().compute())
+        return [float(m) for m in dask.compute(*means)]

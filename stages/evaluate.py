@@ -37,15 +37,17 @@ def evaluate(params: Params) -> dict:
     results = {b: {"acc": _with_avg({t: acc(features(open_features(b, t)), t) for t in names})} for b in baselines}
     for key in progress(params.methods, desc="evaluate", unit="method"):
         surgery = load_surgery(key, names)
-        out = {"acc": {}, "surgery_acc": {}, "bias": {}, "surgery_bias": {}}
+        out = {"acc": {}, "surgery_acc": {}}
+        pairs = []  # (merged, individual) features for Eq. 1: without surgery, then with it, per task
         for i, task in enumerate(names):
             store = open_features(workspace.merged_encoder(key), task)
             z = features(store)
             out["acc"][task] = acc(z, task)
             with torch.no_grad():
                 out["surgery_acc"][task] = acc(surgery(z, i), task)
-            out["bias"][task] = metrics.bias(store, individual[task])
-            out["surgery_bias"][task] = metrics.bias(metrics.adapted(store, surgery, i), individual[task])
+            pairs += [(store, individual[task]), (metrics.adapted(store, surgery, i), individual[task])]
+        bias = metrics.biases(pairs)
+        out["bias"], out["surgery_bias"] = dict(zip(names, bias[0::2])), dict(zip(names, bias[1::2]))
         results[key] = {k: _with_avg(v) for k, v in out.items()}
     # once everything is in: no noise before an error
     flag_near_chance(results, {t: len(heads[t]) for t in names})

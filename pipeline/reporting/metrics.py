@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cache import mean_abs_diff
+from cache import mean_abs_diffs
 from pipeline.models.heads import logits
 
 
@@ -32,9 +32,10 @@ def near_chance(accuracy: dict[str, float], classes: dict[str, int]) -> dict[str
     return out
 
 
-def bias(merged, individual) -> float:
-    """Eq. 1: (1 / (k N)) * ||Z_merged - Z_individual||_1, streamed over the stores' chunks."""
-    return mean_abs_diff(merged, individual)
+def biases(pairs: list[tuple]) -> list[float]:
+    """Eq. 1 for each (merged, individual) pair: (1 / (k N)) * ||Z_merged - Z_individual||_1,
+    streamed over the stores' chunks, all pairs in one pass."""
+    return mean_abs_diffs(pairs)
 
 
 def adapted(store, surgery, task: int):
