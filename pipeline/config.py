@@ -130,6 +130,7 @@ class Curve(PerMethod):
 class Tsne(PerMethod):
     samples: PositiveInt
     perplexity: PositiveFloat
+    iterations: Annotated[int, Field(ge=250)]  # scikit-learn's floor: its early exaggeration phase
     seed: int
 
 

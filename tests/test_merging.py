@@ -145,3 +145,23 @@ def test_a_learned_merge_decodes_each_image_of_a_small_split_once():
     assert sorted(epochs[2][:, 0, 0, 0].tolist()) == list(range(40))
     assert not Remembered.fits(Counting(4097)), "splits read by loader workers are decoded as before"
     assert not Remembered.fits(Counting(1000, side=224)), "and so are splits over the memory budget"
+
+
+def test_the_phases_of_a_learned_merge_share_a_small_split_s_decodes():
+    """Concrete AM's mask phase and its AdaMerging phase read the same images: decoded once."""
+    class Counting(torch.utils.data.Dataset):
+        decoded = 0
+
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, index):
+            Counting.decoded += 1
+            return torch.full((3, 4, 4), float(index))
+
+    inputs = MergeInputs("m", ["a"], {}, [], _datasets=[Counting()])
+    for phase_seed in (0, 1):  # two streams over the split, as two phases open them
+        stream = inputs.stream(0, 8, seed=phase_seed)
+        for _ in range(5):
+            next(stream)
+    assert Counting.decoded == 1 + 40  # the size check, then each image once

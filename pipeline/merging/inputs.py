@@ -31,6 +31,7 @@ class MergeInputs:
     # other splits, per task (None: the task has no such split); filled lazily by `_open`
     _splits: dict[str, list[Any | None]] = field(default_factory=dict)
     _open: Callable[[str, str], Any | None] | None = None  # (task name, split) -> dataset or None
+    _remembered: dict[int, Any] = field(default_factory=dict)  # id(dataset) -> its Remembered decodes
     spec: dict | None = None  # the pretrained CLIP's spec (pipeline.models.clip): the reference code's layout
     _reference_text_entries: int | None = None  # given directly where there is no spec (tests)
 
@@ -104,8 +105,9 @@ class MergeInputs:
         from pipeline.data.datasets import Remembered, loader
 
         dataset = self.dataset(task, split)
-        if Remembered.fits(dataset):
-            dataset = Remembered(dataset)
+        if id(dataset) not in self._remembered and Remembered.fits(dataset):
+            self._remembered[id(dataset)] = Remembered(dataset)  # one per split: phases (Concrete AM) share it
+        dataset = self._remembered.get(id(dataset), dataset)
         for epoch in itertools.count():
             yield from loader(dataset, batch_size, shuffle=True, seed=seed + epoch)
 

@@ -275,8 +275,8 @@ def run_tsne(ctx: Context) -> Path:
                 pairs.append((individual[rows].numpy(), z.numpy()))
                 summary.append({"method": method, "task": task, "variant": variant, "points": 2 * len(rows),
                                 "l1_gap": round(float((z - individual[rows]).abs().mean()), 4)})
-    embedded = iter(tsne.embed_cached(pairs, perplexity=cfg.perplexity, seed=cfg.seed, cache=workspace.TSNE_CACHE,
-                                      progress=ctx.progress))
+    embedded = iter(tsne.embed_cached(pairs, perplexity=cfg.perplexity, seed=cfg.seed, iterations=cfg.iterations,
+                                      cache=workspace.TSNE_CACHE, progress=ctx.progress))
     panels = {m: {v: [] for v in variants} for m in chosen}
     for row in summary:
         panels[row["method"]][row["variant"]].append(next(embedded))

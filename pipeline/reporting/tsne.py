@@ -24,7 +24,8 @@ def sample_rows(n: int, samples: int, seed: int) -> np.ndarray:
     return np.sort(order[:min(samples, n)])
 
 
-def embed(individual: np.ndarray, merged: np.ndarray, *, perplexity: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def embed(individual: np.ndarray, merged: np.ndarray, *, perplexity: float, seed: int,
+          iterations: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     """2-D t-SNE of the two feature sets stacked (PCA init, seeded): returns (individual_2d, merged_2d)."""
     from sklearn.manifold import TSNE
 
@@ -32,26 +33,29 @@ def embed(individual: np.ndarray, merged: np.ndarray, *, perplexity: float, seed
     if perplexity >= len(points):
         raise PipelineError(f"t-SNE perplexity {perplexity} must be below the number of points ({len(points)}): "
                             "lower analyses.tsne.perplexity or raise analyses.tsne.samples")
-    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
+              max_iter=iterations).fit_transform(points)
     return xy[:len(individual)], xy[len(individual):]
 
 
-def _key(individual: np.ndarray, merged: np.ndarray, perplexity: float, seed: int) -> str:
-    digest = hashlib.sha256(f"{perplexity}|{seed}|{individual.shape}|{merged.shape}".encode())
+def _key(individual: np.ndarray, merged: np.ndarray, perplexity: float, seed: int, iterations: int) -> str:
+    digest = hashlib.sha256(f"{perplexity}|{seed}|{iterations}|{individual.shape}|{merged.shape}".encode())
     for points in (individual, merged):
         digest.update(np.ascontiguousarray(points, dtype=np.float32).tobytes())
     return digest.hexdigest()[:24]
 
 
-def embed_cached(pairs: list[tuple[np.ndarray, np.ndarray]], *, perplexity: float, seed: int, cache: Path,
+def embed_cached(pairs: list[tuple[np.ndarray, np.ndarray]], *, perplexity: float, seed: int, iterations: int,
+                 cache: Path,
                  progress: Callable = lambda it, **kw: it) -> list[tuple[np.ndarray, np.ndarray]]:
     """`embed` for every (individual, merged) pair, reusing embeddings cached in `cache` and
     dropping cached ones no longer asked for."""
     cache.mkdir(parents=True, exist_ok=True)
-    keys = [_key(a, b, perplexity, seed) for a, b in pairs]
+    keys = [_key(a, b, perplexity, seed, iterations) for a, b in pairs]
     todo = [i for i, k in enumerate(keys) if not (cache / f"{k}.npy").exists()]
     for i in progress(todo, desc=f"t-SNE ({len(pairs) - len(todo)} of {len(pairs)} panels cached)", unit="panel"):
-        np.save(cache / f"{keys[i]}.npy", np.concatenate(embed(*pairs[i], perplexity=perplexity, seed=seed)))
+        np.save(cache / f"{keys[i]}.npy", np.concatenate(embed(*pairs[i], perplexity=perplexity, seed=seed,
+                                                                iterations=iterations)))
     for stale in set(cache.glob("*.npy")) - {cache / f"{k}.npy" for k in keys}:
         stale.unlink()
     out = []
