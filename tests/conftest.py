@@ -48,7 +48,8 @@ TINY = {
                  "online": {"checkpoints": [0.1, 0.5, 1.0], "seed": 0, "methods": ["lw_adamerging"]},
                  "curve": {"eval_every": 20, "methods": ["weight_averaging", "ties_merging"]},
                  "bias": {"methods": []},
-                 "tsne": {"methods": ["task_arithmetic"], "samples": 30, "perplexity": 10, "iterations": 250, "seed": 0}},
+                 "tsne": {"methods": ["task_arithmetic"], "samples": 30, "perplexity": 10, "iterations": 250,
+                          "seed": 0}},
 }
 
 

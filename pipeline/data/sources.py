@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from pipeline.data import hub
 from pipeline.errors import PipelineError
 
