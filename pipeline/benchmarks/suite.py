@@ -25,7 +25,6 @@ from pipeline.features.stores import read_features
 from pipeline.merging import registry
 from pipeline.merging.inputs import load_inputs
 from pipeline.merging.methods import adamerging
-from pipeline.models.checkpoints import load_heads
 
 QUICK = {"steps": 4, "stage_steps": 4, "rows": None, "adamerging_steps": 1}
 
@@ -104,11 +103,10 @@ def run_bench(params: Params, device: torch.device, *, method: str = "ties_mergi
     print(f"bench 4: layer-wise AdaMerging step, task by task vs all graphs alive ({adamerging_steps} steps)")
     inputs = load_inputs(registry.get("adamerging"), names, device=device, progress=progress)
     coeffs = adamerging.MergeCoefficients(inputs.pretrained, inputs.vectors, layer_wise=True, init=ada.init)
-    heads = load_heads(workspace.HEADS, names)
     per_task = ada.batch_size * ada.batches_per_task
     batches = [torch.stack([d[i] for i in range(min(per_task, len(d)))]) for d in datasets]
-    result.update(bench.adamerging_figures(inputs.encoder, coeffs, [heads[t] for t in names], batches,
-                                           steps=adamerging_steps, device=device))
+    result.update(bench.adamerging_figures(inputs.encoder, coeffs, inputs.heads, batches, steps=adamerging_steps,
+                                           device=device))
     result["total_s"] = round(time.perf_counter() - started, 1)
     workspace.write_json(out, result)
     print(table(result))

@@ -112,8 +112,10 @@ def preprocess_for(spec: dict):
 def image_state(model_dir: Path) -> StateDict:
     """The pretrained image tower's weights (the `visual.` tensors, prefix dropped), read
     without building the model."""
-    state = load_state(Path(model_dir) / "clip.safetensors", hint="Re-run `repsurgery prepare-pretrained`.")
-    visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    from pipeline.models.convert import open_clip_visual
+
+    visual = open_clip_visual(load_state(Path(model_dir) / "clip.safetensors",
+                                         hint="Re-run `repsurgery prepare-pretrained`."))
     if not visual:
         raise PipelineError(f"{Path(model_dir) / 'clip.safetensors'} holds no image tower (`visual.*` tensors): "
                             "re-run `repsurgery prepare-pretrained`")

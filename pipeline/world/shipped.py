@@ -87,8 +87,12 @@ def install(part: str, params) -> bool:
     target = PARTS[part]
     staging = temporary_sibling(target)  # complete before it replaces the workspace's part
     staging.mkdir(parents=True)
-    for name in files:
-        shutil.copyfile(ROOT / part / name, staging / name)
+    try:
+        for name in files:
+            shutil.copyfile(ROOT / part / name, staging / name)
+    except BaseException:  # an interrupted or failed copy leaves nothing beside the workspace
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     print(f"{part}: the shipped world encoders ({len(files)} files, checked against {MANIFEST}) -> {target}/")

@@ -84,10 +84,12 @@ def task_groups(batches: list[torch.Tensor], graph_inputs: int = GRAPH_INPUTS) -
     return groups
 
 
-def grouped_entropy(output: torch.Tensor, group: list[int], heads: list[torch.Tensor],
-                    batches: list[torch.Tensor]) -> torch.Tensor:
-    """The group's summed per-task entropies, from the features of its concatenated batches."""
-    parts = output.split([len(batches[t]) for t in group])
+def group_entropy(encoder: torch.nn.Module, params: StateDict, group: list[int], heads: list[torch.Tensor],
+                  batches: list[torch.Tensor]) -> torch.Tensor:
+    """The summed entropies of a group's tasks, from one forward of their batches (concatenated
+    where the group holds more than one)."""
+    images = batches[group[0]] if len(group) == 1 else torch.cat([batches[t] for t in group])
+    parts = functional_call(encoder, params, (images,)).split([len(batches[t]) for t in group])
     return sum(entropy(logits(part, heads[t])) for part, t in zip(parts, group))
 
 
@@ -97,8 +99,7 @@ def step(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch.
     summed loss."""
     total = 0.0
     for group in task_groups(batches, graph_inputs):
-        output = functional_call(encoder, coeffs.merged(), (torch.cat([batches[t] for t in group]),))
-        loss = grouped_entropy(output, group, heads, batches)
+        loss = group_entropy(encoder, coeffs.merged(), group, heads, batches)
         loss.backward()
         total += loss.item()
     return total

@@ -50,10 +50,9 @@ from typing import Annotated, Callable, Iterator, Literal
 
 import torch
 from pydantic import Field
-from torch.func import functional_call
 
 from pipeline.merging.inputs import MergeInputs, Split
-from pipeline.merging.methods.adamerging import adapt, grouped_entropy, task_groups
+from pipeline.merging.methods.adamerging import adapt, group_entropy, task_groups
 from pipeline.merging.registry import Merged, merge_method
 from pipeline.merging.task_vectors import StateDict, apply, sum_vectors
 
@@ -106,9 +105,8 @@ def learn_mask(encoder: torch.nn.Module, pretrained: StateDict, summed: StateDic
         total = 0.0
         for group in task_groups(batches):
             mask = {k: relaxed(v, noise[k], temperature) for k, v in mask_logits.items()}
-            params = masked_task_arithmetic(pretrained, summed, mask, scaling)
-            output = functional_call(encoder, params, (torch.cat([batches[t] for t in group]),))
-            loss = grouped_entropy(output, group, heads, batches)
+            loss = group_entropy(encoder, masked_task_arithmetic(pretrained, summed, mask, scaling), group, heads,
+                                 batches)
             loss.backward()
             total += loss.item()
         optimiser.step()
