@@ -167,6 +167,9 @@ class PretrainedSource(Section):
 class Source(Section):
     family: Literal[tuple(families())] = OWN  # whose published figures the run is compared with
     cache: str = "~/.cache/repsurgery"
+    # the dataset splits fetched and imported: test (evaluation, transductive merges), and train
+    # where a merge entry learns from training images (`split: train`: Fisher Merging, RegMean)
+    splits: Annotated[list[Literal["test", "train"]], Field(min_length=1)] = ["test"]
     pretrained: PretrainedSource
     finetuned: dict[str, str]
     datasets: dict[str, str]
@@ -288,12 +291,28 @@ def validate(raw: Any) -> Params:
     if not params.merge:
         raise _error("merge", {}, "at least one merge entry")
     params._entries = merge_entries(params.merge)
+    _check_splits(params)
     for name, section in params.analyses:
         for method in getattr(section, "methods", []):
             if method not in params.merge:
                 raise _error(f"analyses.{name}.methods", method, f"entries of `merge`: {', '.join(params.merge)} "
                              "([] for every entry)")
     return params
+
+
+def _check_splits(params: Params) -> None:
+    """A real source imports only the splits it lists: an entry that learns on another one is a
+    mistake to name now, not after the downloads (the world has both splits)."""
+    if params.is_world:
+        return
+    if "test" not in params.source.splits:
+        raise _error("source.splits", params.source.splits, "a list that holds test (every task is evaluated on it)")
+    for key, entry in params._entries.items():
+        split = getattr(entry.params, "split", None)
+        if split is not None and split not in params.source.splits:
+            raise _error(f"merge.{key}.split", split, f"a split that params `source.splits` lists "
+                         f"({', '.join(params.source.splits)}): add {split} there and run `repsurgery fetch`, "
+                         "or choose another split")
 
 
 def _check_tasks(params: Params) -> None:

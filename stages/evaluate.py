@@ -49,6 +49,9 @@ def evaluate(params: Params) -> dict:
         bias = metrics.biases(pairs)
         out["bias"], out["surgery_bias"] = dict(zip(names, bias[0::2])), dict(zip(names, bias[1::2]))
         results[key] = {k: _with_avg(v) for k, v in out.items()}
+        split = getattr(params.merge_entry(key).params, "split", None)
+        if split is not None:  # the images a data-using merge learned from: rows of one table may differ
+            results[key]["split"] = split
     # once everything is in: no noise before an error
     flag_near_chance(results, {t: len(heads[t]) for t in names})
     note = ""
@@ -122,11 +125,11 @@ def accuracy_table(results: dict, names: list[str], labels: dict[str, str]) -> s
         return r.get("published", {}).get(figure, {}).get("avg")
 
     rows = [{"method": key, "setting": "", **r["acc"], "bias": r.get("bias", {}).get("avg"),
-             "published": avg(r, "acc")} for key, r in results.items()]
+             "split": r.get("split"), "published": avg(r, "acc")} for key, r in results.items()]
     rows += [{"method": key, "setting": "", "label": f"{labels[key]} + surgery", **r["surgery_acc"],
-              "bias": r["surgery_bias"]["avg"], "published": avg(r, "surgery_acc")}
+              "bias": r["surgery_bias"]["avg"], "split": r.get("split"), "published": avg(r, "surgery_acc")}
              for key, r in results.items() if "surgery_acc" in r]
-    extra = {"bias": ("bias avg", 3)}
+    extra = {"bias": ("bias avg", 3), "split": ("merge learned on", None)}
     if any(r["published"] is not None for r in rows):
         extra["published"] = ("published avg", 1)
     return tables.to_markdown(rows, names, labels, extra=extra)

@@ -51,7 +51,8 @@ def params(path: Path | None) -> str:
     from pipeline import config
 
     loaded = config.load(path or Path("params.yaml"))
-    return yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False).rstrip()
+    # `source` holds a Source where the field is typed for the raw mapping: no serializer warning for it
+    return yaml.safe_dump(loaded.model_dump(mode="json", warnings=False), sort_keys=False).rstrip()
 
 
 LISTINGS = {"methods": methods, "adapters": adapters, "tasks": tasks, "params": params}

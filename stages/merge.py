@@ -18,6 +18,8 @@ def merge(key: str, params: Params, device: torch.device) -> None:
     if "images" in method.needs:  # a learned merge: a long GPU job, so check what it reads first
         preflight(params, device)
     inputs = load_inputs(method, params.tasks, device=device, progress=progress)
+    if "images" in method.needs and "split" in entry.params.model_fields:
+        inputs.check_split(entry.params.split)  # before any learning: every task has the split
     if "images" in method.needs and "batch_size" in entry.params.model_fields:
         params.check_rows(dict(zip(params.tasks, map(len, inputs.datasets))), f"merge.{key}.batch_size",
                           entry.params.batch_size)

@@ -15,7 +15,7 @@ from cache.files import write_text
 from pipeline import workspace
 from pipeline.config import Params
 from pipeline.data import catalog, hub, sources
-from pipeline.data.importing import import_split
+from pipeline.data.importing import import_splits
 from pipeline.errors import PipelineError
 from pipeline.models import clip
 from pipeline.models.checkpoints import save_state
@@ -23,12 +23,9 @@ from pipeline.models.convert import to_canonical
 from stages import world
 from stages.common import progress
 
-SPLIT = workspace.SPLIT
-
-
 def fetch(params: Params) -> None:
     src = _source(params)
-    items = sources.fetch_items(src, params.tasks, SPLIT)
+    items = sources.fetch_items(src, params.tasks)
     manifest = hub.fetch(items, sources.cache_dir(src), progress=progress)
     total = sum(f["bytes"] for e in manifest.values() for f in e["files"])
     print(f"fetched {len(items)} items into {sources.cache_dir(src)} ({total / 1e9:.2f} GB in all); "
@@ -50,9 +47,10 @@ def prepare_data(params: Params) -> None:
         names, templates = (src.classnames[task], src.templates[task]) if task in src.classnames \
             else catalog.classnames_and_templates(task)
         ref = src.datasets[task]
-        rows = import_split(sources.local(ref, "dataset", src, f"task {task}"), SPLIT, workspace.DATA / task, task,
-                            names, templates, origin=ref, progress=progress)
-        print(f"{task}: {rows} {SPLIT} images from {ref} -> {workspace.DATA / task}")
+        rows = import_splits(sources.local(ref, "dataset", src, f"task {task}"), src.splits, workspace.DATA / task,
+                             task, names, templates, origin=ref, progress=progress)
+        print(f"{task}: {', '.join(f'{n} {split}' for split, n in rows.items())} images from {ref} -> "
+              f"{workspace.DATA / task}")
 
 
 def prepare_pretrained(params: Params, device: torch.device) -> None:

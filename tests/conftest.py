@@ -25,8 +25,8 @@ TINY = {
     "finetune": {"steps": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 0.1, "warmup": 2},
     "merge": {  # every built-in method, in the paper's Table 1 order, at tiny schedules
         "weight_averaging": {},
-        "fisher_merging": {"images": 24, "batch_size": 8, "seed": 0, "split": "auto"},
-        "regmean": {"images": 24, "batch_size": 8, "alpha": 0.9, "seed": 0, "split": "auto"},
+        "fisher_merging": {"images": 24, "batch_size": 8, "seed": 0, "split": "train"},
+        "regmean": {"images": 24, "batch_size": 8, "alpha": 0.95, "seed": 0, "split": "train"},
         "task_arithmetic": {"scaling": 0.3},
         "ties_merging": {"k": 20, "scaling": 0.3, "merge": "sum"},
         "concrete_task_arithmetic": {"steps": 3, "batch_size": 8, "split": "test"},

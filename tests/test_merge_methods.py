@@ -65,12 +65,13 @@ def linear_tasks(counts=(10, 5), seed=0):
 
 def test_regmean_on_one_linear_layer_is_the_least_squares_fit_to_every_task_models_outputs():
     layer, pre, fts, data = linear_tasks(counts=(10, 5))
-    # task 0 has a train split (used by split auto), task 1 only its test split
-    train0 = [x * 2 + 1 for x in data[0]]
-    merged = run("regmean", pre, fts, encoder=layer, datasets=data, splits={"train": [train0, None]},
+    # RegMean reads the train splits by default; the test splits are other images
+    train = [data[0], data[1]]
+    test = [[x * 2 + 1 for x in d] for d in data]
+    merged = run("regmean", pre, fts, encoder=layer, datasets=test, splits={"train": train},
                  alpha=1.0, images=100, batch_size=3)
-    assert merged.info["split"] == {"t0": "train", "t1": "test"} and merged.info["images"] == {"t0": 10, "t1": 5}
-    xs = [torch.stack(train0).double(), torch.stack(data[1]).double()]
+    assert merged.info["images"] == {"t0": 10, "t1": 5}
+    xs = [torch.stack(train[0]).double(), torch.stack(train[1]).double()]
     # argmin_W sum_t ||X_t W^T - X_t W_t^T||^2 / n_t: rows of task t weighted by 1/sqrt(n_t)
     x = torch.cat([xt / len(xt) ** 0.5 for xt in xs])
     y = torch.cat([xt / len(xt) ** 0.5 @ ft["weight"].double().T for xt, ft in zip(xs, fts)])
@@ -83,7 +84,7 @@ def test_regmean_on_one_linear_layer_is_the_least_squares_fit_to_every_task_mode
 def test_regmean_scales_the_off_diagonal_gram_entries_by_alpha():
     layer, pre, fts, data = linear_tasks(counts=(8, 8), seed=1)
     alpha = 0.4
-    merged = run("regmean", pre, fts, encoder=layer, datasets=data, alpha=alpha, images=8, batch_size=8)
+    merged = run("regmean", pre, fts, encoder=layer, datasets=data, alpha=alpha, images=8, batch_size=8, split="test")
     lhs, rhs = np.zeros((4, 4)), np.zeros((4, 3))
     for xs, ft in zip(data, fts):
         x = torch.stack(xs).double().numpy()
@@ -94,7 +95,7 @@ def test_regmean_scales_the_off_diagonal_gram_entries_by_alpha():
     np.testing.assert_allclose(merged.state["weight"].double().numpy(), np.linalg.solve(lhs, rhs).T, rtol=1e-5,
                                atol=1e-6)
     # alpha = 0: each input column weighs the task models by its energy alone
-    diag = run("regmean", pre, fts, encoder=layer, datasets=data, alpha=0.0, images=8, batch_size=8)
+    diag = run("regmean", pre, fts, encoder=layer, datasets=data, alpha=0.0, images=8, batch_size=8, split="test")
     energy = [torch.stack(xs).double().pow(2).mean(0) for xs in data]  # (in,) per task
     w = sum(e * ft["weight"].double() for e, ft in zip(energy, fts)) / sum(energy)
     torch.testing.assert_close(diag.state["weight"].double(), w, rtol=1e-5, atol=1e-6)
@@ -128,13 +129,18 @@ def test_regmean_captures_the_inputs_each_open_clip_layer_really_multiplies():
 def test_regmean_of_identical_models_is_that_model_and_other_tensors_are_averaged():
     encoder, pre, fts, _, datasets = tiny_setup(n_tasks=2)
     same = run("regmean", pre, [fts[0], copy.deepcopy(fts[0])], encoder=encoder, datasets=datasets, images=4,
-               batch_size=3, alpha=0.9)
+               batch_size=3, alpha=0.9, split="test", proj="regmean")
     for key, value in fts[0].items():
         torch.testing.assert_close(same.state[key], value, rtol=1e-4, atol=1e-5)
-    merged = run("regmean", pre, fts, encoder=encoder, datasets=datasets, images=4, batch_size=3)
+    merged = run("regmean", pre, fts, encoder=encoder, datasets=datasets, images=4, batch_size=3, split="test")
     assert merged.info["images"] == {"t0": 4, "t1": 4} and merged.info["singular"] == []
+    assert merged.info["alpha"] == 0.95 and "proj" not in merged.info["layers"]  # FusionBench's defaults
+    average = (fts[0]["proj"] + fts[1]["proj"]) / 2
     torch.testing.assert_close(merged.state["ln_post.bias"], (fts[0]["ln_post.bias"] + fts[1]["ln_post.bias"]) / 2)
-    assert not torch.allclose(merged.state["proj"], (fts[0]["proj"] + fts[1]["proj"]) / 2)
+    torch.testing.assert_close(merged.state["proj"], average)  # proj averaged, as FusionBench leaves it
+    solved = run("regmean", pre, fts, encoder=encoder, datasets=datasets, images=4, batch_size=3, split="test",
+                 proj="regmean")
+    assert "proj" in solved.info["layers"] and not torch.allclose(solved.state["proj"], average)
 
 
 # --- Fisher Merging -----------------------------------------------------------------------------
@@ -145,16 +151,16 @@ def test_fisher_merging_with_equal_fishers_is_weight_averaging_and_a_dominant_fi
     fts = [{k: v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone() for k, v in pre.items()}
            for _ in range(3)]
     equal = {k: torch.rand(v.shape, generator=g) for k, v in pre.items() if v.is_floating_point()}
-    merged = fisher_weighted_mean(pre, fts, [equal] * 3, floor=1e-6)
+    merged = fisher_weighted_mean(pre, fts, [equal] * 3)
     average = run("weight_averaging", pre, fts).state
     for key in pre:
         torch.testing.assert_close(merged[key], average[key])
     # all-zero Fishers: the floor alone weighs, the plain average again
-    zero = {k: torch.zeros_like(v) for k, v in equal.items()}
-    torch.testing.assert_close(fisher_weighted_mean(pre, fts, [zero] * 3, floor=1e-6)["w"], average["w"])
+    floor = {k: torch.full_like(v, 1e-6) for k, v in equal.items()}
+    torch.testing.assert_close(fisher_weighted_mean(pre, fts, [floor] * 3)["w"], average["w"])
     # task 1's Fisher 1e6 times the others': the merge is (nearly) task 1's weights
     big = [{k: v * (1e6 if t == 1 else 1.0) + 1e-3 for k, v in equal.items()} for t in range(3)]
-    dominated = fisher_weighted_mean(pre, fts, big, floor=1e-6)
+    dominated = fisher_weighted_mean(pre, fts, big)
     torch.testing.assert_close(dominated["w"], fts[1]["w"], rtol=0, atol=1e-4)
     assert torch.equal(dominated["steps"], pre["steps"])
 
@@ -186,16 +192,17 @@ def test_diagonal_fisher_is_the_mean_squared_per_image_gradient_of_the_sampled_l
 
 def test_fisher_merging_is_an_entrywise_convex_combination_and_reports_each_tasks_fisher():
     encoder, pre, fts, heads, datasets = tiny_setup(n_tasks=2)
-    merged = run("fisher_merging", pre, fts, encoder=encoder, heads=heads, datasets=datasets, images=4, batch_size=3)
+    merged = run("fisher_merging", pre, fts, encoder=encoder, heads=heads, datasets=datasets, images=4, batch_size=3,
+                 split="test")
     info = merged.info
-    assert info["split"] == {"t0": "test", "t1": "test"}
     assert [info["fisher"][t]["images"] for t in ("t0", "t1")] == [4, 4]
     assert all(info["fisher"][t]["norm"] > 0 for t in ("t0", "t1"))
     for key, value in merged.state.items():
         low = torch.minimum(fts[0][key], fts[1][key])
         high = torch.maximum(fts[0][key], fts[1][key])
         assert ((value >= low - 1e-6) & (value <= high + 1e-6)).all(), key
-    again = run("fisher_merging", pre, fts, encoder=encoder, heads=heads, datasets=datasets, images=4, batch_size=3)
+    again = run("fisher_merging", pre, fts, encoder=encoder, heads=heads, datasets=datasets, images=4, batch_size=3,
+                split="test")
     assert all(torch.equal(again.state[k], merged.state[k]) for k in merged.state)  # seeded
 
 
@@ -311,7 +318,7 @@ def test_concrete_with_an_all_ones_mask_is_task_arithmetic():
     ones = masked_task_arithmetic(pre, sum_vectors(vectors), {k: torch.ones_like(v) for k, v in pre.items()}, 0.3)
     # the learned method, its logits far above 0 (probability ~1): the thresholded mask is all ones
     learned = run("concrete_task_arithmetic", pre, fts, encoder=encoder, heads=heads, datasets=datasets,
-                  init_logit=8.0, steps=2, batch_size=3)
+                  init_logit=8.0, steps=2, batch_size=3, final_mask="threshold")
     for key in pre:
         torch.testing.assert_close(ones[key], ta[key])
         torch.testing.assert_close(learned.state[key], ta[key])
@@ -321,12 +328,12 @@ def test_concrete_with_an_all_ones_mask_is_task_arithmetic():
 def test_concrete_mask_reports_its_sparsity_and_masks_what_it_drops():
     encoder, pre, fts, heads, datasets = tiny_setup()
     none = run("concrete_task_arithmetic", pre, fts, encoder=encoder, heads=heads, datasets=datasets,
-               init_logit=-8.0, steps=2, batch_size=3)
+               init_logit=-8.0, steps=2, batch_size=3, final_mask="threshold")
     assert none.info["mask"]["kept"] == 0.0 and none.info["mask"]["mean_probability"] < 1e-3
     for key in pre:
         torch.testing.assert_close(none.state[key], pre[key])  # nothing kept: the pretrained encoder
     learned = run("concrete_task_arithmetic", pre, fts, encoder=encoder, heads=heads, datasets=datasets,
-                  lr=0.05, steps=4, batch_size=3)
+                  lr=0.05, steps=4, batch_size=3, final_mask="threshold")
     mask = learned.info["mask"]
     assert mask["final"] == "threshold" and 0 < mask["kept"] < 1 and 0 < mask["mean_probability"] < 1
     sizes = {k: v.numel() for k, v in pre.items()}
@@ -353,7 +360,7 @@ def test_concrete_mask_learning_lowers_the_entropy():
 def test_concrete_adamerging_learns_a_mask_then_coefficients_over_the_masked_vectors():
     encoder, pre, fts, heads, datasets = tiny_setup()
     result = run("concrete_adamerging", pre, fts, encoder=encoder, heads=heads, datasets=datasets, init_logit=8.0,
-                 mask_steps=2, lr=1e-12, steps=1, batch_size=3)
+                 mask_steps=2, lr=1e-12, steps=1, batch_size=3, final_mask="threshold")
     ta = run("task_arithmetic", pre, fts, scaling=0.3).state  # all-ones mask, coefficients frozen at 0.3
     for key in pre:
         torch.testing.assert_close(result.state[key], ta[key], rtol=0, atol=1e-6)
@@ -424,21 +431,21 @@ def test_table_one_entries_validate_with_readable_labels():
         "lw_adamergingpp": "Layer-wise AdaMerging++"}
 
 
-def test_split_auto_prefers_train_and_a_missing_split_is_a_clear_error(tmp_path):
+def test_a_split_is_read_as_named_and_a_task_without_it_is_a_clear_error(tmp_path):
     from pipeline.data.datasets import has_split
 
     inputs = MergeInputs("m", ["a", "b"], {}, [], _datasets=[["ta"], ["tb"]], _splits={"train": [["xa"], None]})
-    assert [inputs.resolve_split(t, "auto") for t in (0, 1)] == ["train", "test"]
-    assert inputs.dataset(0, "auto") == ["xa"] and inputs.dataset(1, "auto") == ["tb"]
-    with pytest.raises(PipelineError, match="task 'b' has no train split"):
+    assert inputs.dataset(0, "train") == ["xa"] and inputs.dataset(1, "test") == ["tb"]
+    with pytest.raises(PipelineError, match=r"learns on the train split, which b lacks .*`source.splits`") as exc:
         inputs.dataset(1, "train")
+    assert "\n" not in str(exc.value)
     opened = []
     def open_split(task, split):
         opened.append((task, split))
-        return [task + split] if task == "a" else None
+        return [task + split]
 
     lazy = MergeInputs("m", ["a", "b"], {}, [], _datasets=[["ta"], ["tb"]], _open=open_split)
-    assert [lazy.dataset(t, "auto") for t in (0, 1)] == [["atrain"], ["tb"]]
+    assert lazy.check_split("train") == "train" and [lazy.dataset(t, "train") for t in (0, 1)] == [["atrain"], ["btrain"]]
     assert opened == [("a", "train"), ("b", "train")]  # opened once, on first use
     (tmp_path / "a" / "data").mkdir(parents=True)
     (tmp_path / "a" / "data" / "train-00000-of-00001.parquet").write_bytes(b"")

@@ -19,7 +19,7 @@ from pipeline.data import datasets as data
 from pipeline.data import hub
 from pipeline.errors import PipelineError
 from pipeline.models.heads import zeroshot_weights
-from pipeline.data.importing import IMAGE_TYPE, import_split
+from pipeline.data.importing import IMAGE_TYPE, import_splits
 from stages.presets import paper_params, preset_text, sections, write_preset
 from pipeline import config
 from pipeline.data.sources import fetch_items
@@ -62,11 +62,15 @@ def test_paper_presets_name_the_eight_tasks_on_the_hub(name, arch):
     adamerging = [typed.merge_entry(key).params for key, entry in params["merge"].items()
                   if entry.get("method") == "adamerging"]
     assert adamerging and all(p.steps == 500 for p in adamerging)  # the recipe's, the method's default
-    items = {name: (ref, patterns) for name, ref, patterns in fetch_items(typed.source, typed.tasks, "test")}
-    assert len(items) == 17  # pretrained + 8 fine-tuned + 8 test splits
+    items = {name: (ref, patterns) for name, ref, patterns in fetch_items(typed.source, typed.tasks)}
+    # the train splits too: Fisher Merging and RegMean learn from them, as in their papers
+    assert typed.merge_entry("fisher_merging").params.split == typed.merge_entry("regmean").params.split == "train"
+    assert typed.source.splits == ["test", "train"]
+    assert len(items) == 1 + 8 + 8 * 2  # pretrained + 8 fine-tuned + the test and train split of each task
     ref, patterns = items["svhn test split"]
     assert (ref.repo_id, ref.subfolder, ref.kind) == ("ufldl-stanford/svhn", "cropped_digits", "dataset")
     assert "cropped_digits/test-*.parquet" in patterns[0]
+    assert "cropped_digits/train-*.parquet" in items["svhn train split"][1][0]
     assert items["pretrained " + arch][0].repo_id.startswith("timm/vit_")
 
 
@@ -76,13 +80,50 @@ def test_each_paper_preset_names_its_checkpoint_family(name, family):
     (fetch then brings only the pretrained weights and the test splits)."""
     typed = config.validate(paper_params(name))
     assert typed.source.family == family
-    items = fetch_items(typed.source, typed.tasks, "test")
+    items = fetch_items(typed.source, typed.tasks)
     if family == "task_arithmetic":
         assert typed.source.finetuned["cars"] == "checkpoints/ViT-L-14/Cars/finetuned.pt"
         assert typed.source.finetuned["sun397"] == "checkpoints/ViT-L-14/SUN397/finetuned.pt"
-        assert len(items) == 1 + len(typed.tasks)
+        assert len(items) == 1 + 2 * len(typed.tasks)
     assert paper_params(name, checkpoints="/r")["source"]["finetuned"]["dtd"] == (
         "/r/DTD/finetuned.pt" if family == "task_arithmetic" else "hf://tanganke/clip-vit-base-patch32_dtd")
+
+
+@pytest.mark.parametrize("name, fisher", [("paper-vit-b-32", {"estimator": "expected", "normalize": True}),
+                                          ("paper-ta-vit-b-32", {"estimator": "sampled", "normalize": False})])
+def test_each_family_s_preset_runs_fisher_merging_as_its_reference_does(name, fisher):
+    """FusionBench's fine-tunes with FusionBench's estimator; the Task Arithmetic release with the
+    Fisher Merging paper's definition (the registered default)."""
+    fisher_params = config.validate(paper_params(name)).merge_entry("fisher_merging").params
+    assert {k: getattr(fisher_params, k) for k in fisher} == fisher
+
+
+def test_an_entry_learning_on_a_split_the_source_does_not_import_is_refused_before_anything_runs():
+    params = paper_params("paper-vit-b-32")
+    params["source"]["splits"] = ["test"]
+    with pytest.raises(PipelineError, match=r"`merge.fisher_merging.split` = 'train'.*add train there and run "
+                                            r"`repsurgery fetch`"):
+        config.validate(params)
+    params["merge"] = {k: {**v, "split": "test"} if "split" in v else v for k, v in params["merge"].items()}
+    assert config.validate(params).source.splits == ["test"]
+
+
+def test_a_second_split_is_imported_beside_the_first_and_never_from_its_images(tmp_path):
+    for split, n in (("test", 2), ("train", 3)):
+        _shard(tmp_path / "src" / "data" / f"{split}-00000-of-00001.parquet", [_png()] * n, [0] * n)
+    assert import_splits(tmp_path / "src", ["test", "train"], tmp_path / "data" / "t", "t", ["a", "b"], ["{c}"],
+                         origin="here") == {"test": 2, "train": 3}
+    assert [len(data.ImageDataset(tmp_path / "data", "t", split)) for split in ("test", "train")] == [2, 3]
+    # image folders with one folder per class at the top: one split alone reads them; with two, which
+    # split they hold is ambiguous, so each split needs its own folder
+    folder = tmp_path / "folders"
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "x.png").write_bytes(_png())
+    assert import_splits(folder, ["test"], tmp_path / "one", "t", ["a", "b"], ["{c}"], origin="here") == {"test": 2}
+    with pytest.raises(PipelineError, match=r"no `test` folder .* put the test images in"):
+        import_splits(folder, ["test", "train"], tmp_path / "two", "t", ["a", "b"], ["{c}"], origin="here")
+    assert not (tmp_path / "two").exists() and not (tmp_path / "two.partial").exists()
 
 
 def test_incomplete_sources_are_refused_naming_the_gap():
@@ -135,7 +176,7 @@ def _png() -> bytes:
 
 def test_a_broken_image_is_named_by_file_shard_and_row(tmp_path):
     _shard(tmp_path / "src" / "data" / "test-00000-of-00001.parquet", [_png(), b"not an image"], [0, 1])
-    import_split(tmp_path / "src", "test", tmp_path / "data" / "t", "t", ["a", "b"], ["{c}"], origin="here")
+    import_splits(tmp_path / "src", ["test"], tmp_path / "data" / "t", "t", ["a", "b"], ["{c}"], origin="here")
     dataset = data.ImageDataset(tmp_path / "data", "t", "test")
     dataset[0]
     with pytest.raises(PipelineError, match=r"image \(img1.png\) at row 1 of .*test-00000-of-00001.parquet"):
@@ -146,7 +187,7 @@ def test_a_broken_image_in_a_loader_worker_reports_one_clear_line(tmp_path):
     from stages.cli import _original_message
 
     _shard(tmp_path / "src" / "data" / "test-00000-of-00001.parquet", [_png(), b"broken"], [0, 1])
-    import_split(tmp_path / "src", "test", tmp_path / "data" / "t", "t", ["a", "b"], ["{c}"], origin="here")
+    import_splits(tmp_path / "src", ["test"], tmp_path / "data" / "t", "t", ["a", "b"], ["{c}"], origin="here")
     dataset = data.ImageDataset(tmp_path / "data", "t", "test", transform=lambda im: torch.zeros(1))
     with pytest.raises(PipelineError) as error:
         list(data.loader(dataset, 1, workers=1))
@@ -159,7 +200,7 @@ def test_labels_outside_the_class_names_are_refused(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "task.json").write_text("{}")  # an earlier good import
     with pytest.raises(PipelineError, match=r"labels span 5..5, but the task has 2 class names"):
-        import_split(tmp_path / "src", "test", tmp_path / "out", "t", ["a", "b"], ["{c}"], origin="here")
+        import_splits(tmp_path / "src", ["test"], tmp_path / "out", "t", ["a", "b"], ["{c}"], origin="here")
     assert (tmp_path / "out" / "task.json").read_text() == "{}"  # kept, and no half-written import beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
@@ -168,7 +209,7 @@ def test_image_folders_need_one_folder_per_class(tmp_path):
     for name in ("a", "b", "c"):
         (tmp_path / "src" / "test" / name).mkdir(parents=True)
     with pytest.raises(PipelineError, match="3 class folders but the task has 2 class names"):
-        import_split(tmp_path / "src", "test", tmp_path / "out", "t", ["a", "b"], ["{c}"], origin="here")
+        import_splits(tmp_path / "src", ["test"], tmp_path / "out", "t", ["a", "b"], ["{c}"], origin="here")
 
 
 def test_zero_shot_heads_are_normalised_template_means_times_the_logit_scale():
@@ -194,5 +235,5 @@ def test_a_split_with_a_numbered_shard_missing_is_refused(tmp_path):
     for index in (0, 2):
         _shard(tmp_path / "src" / "data" / f"test-{index:05d}-of-00003.parquet", [_png()], [0])
     with pytest.raises(PipelineError, match=r"incomplete, test-00001-of-00003.parquet missing.*repsurgery fetch"):
-        import_split(tmp_path / "src", "test", tmp_path / "out", "t", ["a", "b"], ["{c}"], origin="here")
+        import_splits(tmp_path / "src", ["test"], tmp_path / "out", "t", ["a", "b"], ["{c}"], origin="here")
     assert not (tmp_path / "out").exists()

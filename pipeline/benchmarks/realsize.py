@@ -32,7 +32,7 @@ from PIL import Image
 from pipeline.benchmarks import bench
 from pipeline.benchmarks.measure import timed
 from pipeline.data import datasets
-from pipeline.data.importing import import_split
+from pipeline.data.importing import import_splits
 from pipeline.features.extraction import (Job, Ref, Target, Timings, encode, encoder_on, extract, forget_built,
                                          obtain)
 from pipeline.merging.methods import adamerging
@@ -66,7 +66,7 @@ def write_photos(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> Pa
     rng = np.random.default_rng(seed)
     for i in range(n):
         (folder / f"{i:06d}.jpg").write_bytes(photo(rng, size))
-    import_split(root / "jpeg", SPLIT, root / "data" / TASK, TASK, ["photo"], ["a photo of a {}."], origin="generated")
+    import_splits(root / "jpeg", [SPLIT], root / "data" / TASK, TASK, ["photo"], ["a photo of a {}."], origin="generated")
     return root / "data"
 
 

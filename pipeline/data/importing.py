@@ -1,4 +1,4 @@
-"""Bringing a real dataset split into the project's layout: `<task>/task.json` plus
+"""Bringing a real dataset's splits into the project's layout: `<task>/task.json` plus
 `<task>/data/<split>-*.parquet` with columns `image` = {bytes, path} and `label`.
 
 Two sources: Hugging Face parquet shards (linked, not rewritten, so their bytes and hence
@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -83,14 +83,20 @@ def import_parquet(src: Path, split: str, out: Path, n_classes: int) -> int:
     return rows
 
 
-def image_folder_split(src: Path, split: str) -> Path:
-    """`src/<split>/<class>/...` when that folder exists, else `src/<class>/...`."""
-    return Path(src) / split if (Path(src) / split).is_dir() else Path(src)
+def image_folder_split(src: Path, split: str, only: bool = True) -> Path:
+    """`src/<split>/<class>/...` when that folder exists, else `src/<class>/...` where `split` is
+    the only split imported (a second split never reads the first one's images)."""
+    if (Path(src) / split).is_dir():
+        return Path(src) / split
+    if not only:
+        raise PipelineError(f"{src} has no `{split}` folder (one sub-folder per class) and no `{split}-*.parquet` "
+                            f"shards, while several splits are imported: put the {split} images in {Path(src) / split}")
+    return Path(src)
 
 
 def import_image_folder(src: Path, split: str, out: Path, classnames: list[str],
-                        progress: Callable = lambda it, **kw: it) -> int:
-    root = image_folder_split(src, split)
+                        progress: Callable = lambda it, **kw: it, only: bool = True) -> int:
+    root = image_folder_split(src, split, only)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if len(classes) != len(classnames):
         raise PipelineError(f"{root} has {len(classes)} class folders but the task has {len(classnames)} class "
@@ -112,27 +118,33 @@ def import_image_folder(src: Path, split: str, out: Path, classnames: list[str],
     return len(files)
 
 
-def import_split(src: Path, split: str, out: Path, task: str, classnames: list[str], templates: list[str],
-                 origin: str, progress: Callable = lambda it, **kw: it) -> int:
-    """Import one split of `task` from `src` (parquet shards or image folders) into `out`.
+def import_splits(src: Path, splits: Sequence[str], out: Path, task: str, classnames: list[str],
+                  templates: list[str], origin: str, progress: Callable = lambda it, **kw: it) -> dict[str, int]:
+    """Import the `splits` of `task` from `src` (parquet shards or image folders) into `out`;
+    returns the rows of each.
 
-    Built under a temporary name and swapped in only when complete: a failed import keeps
-    the previous `out` and leaves nothing that looks like a task.
+    Built under a temporary name and swapped in only when every split is complete: a failed
+    import keeps the previous `out` and leaves nothing that looks like a task.
     """
     src = Path(src).expanduser()
     if not src.exists():
         raise PipelineError(f"task {task!r}: dataset folder {src} does not exist")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    rows, kinds = {}, set()
     try:
-        if parquet_shards(src, split):
-            rows, kind = import_parquet(src, split, tmp, len(classnames)), "parquet"
-        elif looks_like_image_folder(src):
-            rows, kind = import_image_folder(src, split, tmp, classnames, progress), "imagefolder"
-        else:
-            raise PipelineError(f"task {task!r}: {src} holds neither `{split}-*.parquet` shards nor one folder per class")
-        meta = {"name": task, "classnames": classnames, "templates": templates, "source": origin, "format": kind,
-                f"n_{split}": rows}
+        for split in splits:
+            if parquet_shards(src, split):
+                rows[split] = import_parquet(src, split, tmp, len(classnames))
+                kinds.add("parquet")
+            elif looks_like_image_folder(src):
+                rows[split] = import_image_folder(src, split, tmp, classnames, progress, only=len(splits) == 1)
+                kinds.add("imagefolder")
+            else:
+                raise PipelineError(f"task {task!r}: {src} holds neither `{split}-*.parquet` shards nor one folder "
+                                    "per class")
+        meta = {"name": task, "classnames": classnames, "templates": templates, "source": origin,
+                "format": "+".join(sorted(kinds)), **{f"n_{split}": n for split, n in rows.items()}}
         (tmp / "task.json").write_text(json.dumps(meta, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

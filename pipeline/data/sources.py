@@ -30,8 +30,9 @@ def pretrained_hub_ref(pretrained) -> hub.HubRef | None:
     return hub.HubRef(cfg["hf_hub"].strip("/"), "", "model")
 
 
-def fetch_items(src, tasks: list[str], split: str) -> list[tuple[str, hub.HubRef, list[list[str]]]]:
-    """Everything the source names on the Hub, as (what, where, file patterns)."""
+def fetch_items(src, tasks: list[str]) -> list[tuple[str, hub.HubRef, list[list[str]]]]:
+    """Everything the source names on the Hub, as (what, where, file patterns): every split of
+    `source.splits`."""
     items = []
     ref = pretrained_hub_ref(src.pretrained)
     if ref:
@@ -42,7 +43,7 @@ def fetch_items(src, tasks: list[str], split: str) -> list[tuple[str, hub.HubRef
             items.append((f"fine-tuned {task}", ref, hub.model_patterns(ref)))
         if hub.is_hub(src.datasets[task]):
             ref = hub.parse(src.datasets[task], "dataset")
-            items.append((f"{task} {split} split", ref, hub.dataset_patterns(ref, split)))
+            items += [(f"{task} {split} split", ref, hub.dataset_patterns(ref, split)) for split in src.splits]
     return items
 
 

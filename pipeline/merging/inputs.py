@@ -14,7 +14,10 @@ from pipeline.errors import PipelineError
 from pipeline.merging.task_vectors import StateDict, task_vector
 
 SPLITS = ("train", "test")
-Split = Literal["auto", "train", "test"]  # a data-using method's `split` param
+# A data-using method's `split` param: the unlabeled images it learns from, the same param in
+# every such method with its paper's default (test: transductive, AdaMerging and Concrete;
+# train: Fisher Merging and RegMean); recorded per entry in metrics.json.
+Split = Literal["train", "test"]
 
 
 @dataclass
@@ -76,7 +79,7 @@ class MergeInputs:
         if split == "test":
             return self.datasets
         if split not in SPLITS:
-            raise PipelineError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)} (or auto)")
+            raise PipelineError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
         self._need("images", self._datasets)  # the one declaration covers every split
         if split not in self._splits:
             opened = [self._open(t, split) if self._open else None for t in self.tasks]
@@ -86,19 +89,21 @@ class MergeInputs:
     def has_split(self, task: int, split: str) -> bool:
         return self._split_datasets(split)[task] is not None
 
-    def resolve_split(self, task: int, split: str) -> str:
-        """`auto` is the train split where the task has one, else the test split (transductive)."""
-        if split == "auto":
-            return "train" if self.has_split(task, "train") else "test"
-        if not self.has_split(task, split):
-            raise PipelineError(f"merge method {self.method!r}: task {self.tasks[task]!r} has no {split} split "
-                                f"in {workspace.DATA / self.tasks[task]} (a real source imports test splits only); "
-                                "set the entry's `split` to auto or test")
+    def check_split(self, split: str) -> str:
+        """`split`, once every task is known to have it (else one line naming the fix)."""
+        lacking = [t for i, t in enumerate(self.tasks) if not self.has_split(i, split)]
+        if lacking:
+            raise PipelineError(f"merge method {self.method!r} learns on the {split} split, which "
+                                f"{', '.join(lacking)} lack{'s' if len(lacking) == 1 else ''} under {workspace.DATA}/: "
+                                f"with a real source add {split} to params `source.splits` and run `repsurgery fetch`, "
+                                "or set the entry's `split`")
         return split
 
     def dataset(self, task: int, split: str = "test"):
-        """Task `task`'s unlabeled images of `split` (`auto` resolved as `resolve_split` does)."""
-        return self._split_datasets(self.resolve_split(task, split))[task]
+        """Task `task`'s unlabeled images of `split`."""
+        if not self.has_split(task, split):
+            self.check_split(split)
+        return self._split_datasets(split)[task]
 
     def stream(self, task: int, batch_size: int, seed: int, split: str = "test") -> Iterator[torch.Tensor]:
         """Endless shuffled batches of task `task`'s unlabeled images, reshuffled every epoch."""

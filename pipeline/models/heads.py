@@ -23,5 +23,7 @@ def zeroshot_weights(model, tokenizer, classnames: list[str], templates: list[st
 
 
 def logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    """Classify un-normalised encoder features with a (classes, dim) zero-shot head."""
-    return F.normalize(features.float(), dim=-1) @ head.T.to(features.device)
+    """Classify un-normalised encoder features with a (classes, dim) zero-shot head, in the head's
+    precision (float32) at least."""
+    dtype = torch.promote_types(head.dtype, torch.float32)
+    return F.normalize(features.to(dtype), dim=-1) @ head.T.to(features.device, dtype)

@@ -40,6 +40,11 @@ def rows(family: str, arch: str | None) -> dict[str, dict[str, float]]:
     return {key: dict(zip([*table["tasks"], "avg"], values)) for key, values in published.items()}
 
 
+def merge_params(family: str) -> dict[str, dict]:
+    """merge key -> the settings the family's reference code runs it with (its preset writes them)."""
+    return _table()["families"].get(family, {}).get("merge_params", {})
+
+
 def describe(family: str, arch: str | None) -> dict:
     """What metrics.json records of where the published figures come from."""
     info = _table()["families"].get(family, {})

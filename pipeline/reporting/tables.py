@@ -31,7 +31,8 @@ def to_markdown(rows: list[dict], names: list[str], labels: dict[str, str], digi
                 extra: dict[str, tuple[str, int]] | None = None) -> str:
     """Method (with its setting in parentheses) | one column per task | Avg [| extra columns].
 
-    `extra` maps further row keys to (column title, digits); their cells may be empty (None)."""
+    `extra` maps further row keys to (column title, digits: None for text); their cells may be
+    empty (None)."""
     extra = extra or {}
     cols = names + ["avg"]
     lines = ["| method | " + " | ".join("Avg" if c == "avg" else c.capitalize() for c in cols)
@@ -40,8 +41,8 @@ def to_markdown(rows: list[dict], names: list[str], labels: dict[str, str], digi
     for r in rows:
         name = r.get("label") or label(r["method"], labels)
         name += f" ({r['setting']})" if r["setting"] else ""
-        cells = [f"{r[c]:.{digits}f}" for c in cols] + ["" if r.get(k) is None else f"{r[k]:.{d}f}"
-                                                        for k, (_, d) in extra.items()]
+        cells = [f"{r[c]:.{digits}f}" for c in cols] + ["" if r.get(k) is None else str(r[k]) if d is None
+                                                        else f"{r[k]:.{d}f}" for k, (_, d) in extra.items()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

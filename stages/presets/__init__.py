@@ -20,6 +20,7 @@ from pipeline import workspace
 from pipeline.data.catalog import PAPER_TASKS
 from pipeline.errors import PipelineError
 from pipeline.merging.registry import SCHEDULES
+from pipeline.reporting.published import merge_params
 
 # architecture -> (open_clip name, name in tanganke/clip-vit-*_<task> model ids, folder of the Task
 # Arithmetic release)
@@ -57,9 +58,10 @@ PAPER_COMMENTS = {
               "# `repsurgery fetch`) or local paths; `family`: whose published figures evaluate compares the\n"
               "# run with (pipeline/assets/published.json; own: none)\n",
     "merge": "# the paper's Table 1 methods (`repsurgery list methods`); learned schedules (steps, mask_steps) are\n"
-             "# each method's default, the recipe's (`repsurgery list params` shows every value). Data-using merges\n"
-             "# read the test splits (`split: auto` finds no train split here): the transductive setting of the\n"
-             "# AdaMerging and Concrete papers. Surgery on a merged encoder made elsewhere:\n"
+             "# each method's default, the recipe's (`repsurgery list params` shows every value); the other values are\n"
+             "# those of the family's reference code (docs/fidelity.md). `split`: each paper's: the train splits\n"
+             "# (fetched with the test splits, `source.splits`) for Fisher Merging and RegMean, the unlabeled test\n"
+             "# images (transductive) for AdaMerging and Concrete. Surgery on a merged encoder made elsewhere:\n"
              "# `mine: {method: checkpoint, path: FILE}`\n",
 }
 
@@ -90,9 +92,12 @@ def paper_params(name: str, checkpoints: str | None = None) -> dict:
         "finetuned": finetuned,
         "datasets": {t: f"hf://{task.dataset}" for t, task in PAPER_TASKS.items()},
     }
-    params["merge"] = {key: {k: v for k, v in entry.items() if k not in SCHEDULES}
+    family_params = merge_params(family)
+    params["merge"] = {key: {**{k: v for k, v in entry.items() if k not in SCHEDULES}, **family_params.get(key, {})}
                        for key, entry in params["merge"].items()
                        if not str(entry.get("path", "")).startswith(str(workspace.MTL))}
+    if any(entry.get("split") == "train" for entry in params["merge"].values()):
+        params["source"]["splits"] = ["test", "train"]
     return params
 
 

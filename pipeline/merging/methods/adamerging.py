@@ -7,7 +7,8 @@ graph, unlike the reference, which keeps every task's graph alive until one back
 Tasks whose images are small share one graph (`task_groups`): the same gradient, with one
 forward instead of T where each would cost more in per-call overhead than in memory.
 
-`coefficients: FILE` skips the learning and takes the coefficients the authors published
+`split` (default test, as the paper: unlabeled test images, transductive) is the split the
+coefficients are learned on; `coefficients: FILE` skips the learning and takes the coefficients the authors published
 (`pipeline/merging/coefficient_tables.py`): "paper coefficients + surgery" without relearning.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.func import functional_call
 
 from cache.files import sha256_file
 from pipeline.merging import coefficient_tables
-from pipeline.merging.inputs import MergeInputs
+from pipeline.merging.inputs import MergeInputs, Split
 from pipeline.merging.registry import Merged, merge_method
 from pipeline.merging.task_vectors import StateDict
 from pipeline.reporting.published import arch_key
@@ -31,21 +32,28 @@ Positive = Annotated[int, Field(gt=0)]
 
 
 class MergeCoefficients(torch.nn.Module):
-    def __init__(self, pretrained: StateDict, vectors: list[StateDict], *, layer_wise: bool, init: float = 0.3):
+    """theta_0 + [mask *] sum_t lambda_t tau_t, lambda clamped to [0, 1] (AdaMerging's reference) or
+    not (`clamp=False`: FusionBench's Concrete AdaMerging)."""
+
+    def __init__(self, pretrained: StateDict, vectors: list[StateDict], *, layer_wise: bool, init: float = 0.3,
+                 clamp: bool = True):
         super().__init__()
         self.keys = sorted(vectors[0])
         self.pretrained = pretrained
+        self.clamp = clamp
         # stacked task vectors: one (T, *shape) tensor per parameter tensor
         self.vectors = {k: torch.stack([tv[k] for tv in vectors]) for k in self.keys}
         shape = (len(vectors), len(self.keys)) if layer_wise else (len(vectors), 1)
         self.lambdas = torch.nn.Parameter(torch.full(shape, float(init)))
 
-    def merged(self) -> StateDict:
-        lam = self.lambdas.clamp(0, 1)
+    def merged(self, mask: StateDict | None = None) -> StateDict:
+        """The merged weights; `mask` (one tensor per key, shared by the tasks) multiplies the sum."""
+        lam = self.lambdas.clamp(0, 1) if self.clamp else self.lambdas
         params = dict(self.pretrained)
         for i, key in enumerate(self.keys):
             coeff = lam[:, min(i, lam.shape[1] - 1)].view(-1, *[1] * (self.vectors[key].dim() - 1))
-            params[key] = self.pretrained[key] + (coeff * self.vectors[key]).sum(0)
+            update = (coeff * self.vectors[key]).sum(0)
+            params[key] = self.pretrained[key] + (update if mask is None else mask[key] * update)
         return params
 
     def to(self, *args, **kwargs):
@@ -54,13 +62,15 @@ class MergeCoefficients(torch.nn.Module):
         self.vectors = {k: v.to(*args, **kwargs) for k, v in self.vectors.items()}
         return self
 
-    def clamped(self) -> torch.Tensor:
-        return self.lambdas.detach().clamp(0, 1).cpu()
+    def values(self) -> torch.Tensor:
+        """The coefficients the merge uses (clamped where they are clamped)."""
+        lam = self.lambdas.detach()
+        return (lam.clamp(0, 1) if self.clamp else lam).cpu()
 
 
 def entropy(logit: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy of softmax(logits), mean over the batch."""
-    logp = logit.float().log_softmax(-1)
+    """Shannon entropy of softmax(logits), mean over the batch (in float32 at least)."""
+    logp = logit.to(torch.promote_types(logit.dtype, torch.float32)).log_softmax(-1)
     return -(logp.exp() * logp).sum(-1).mean()
 
 
@@ -93,16 +103,23 @@ def group_entropy(encoder: torch.nn.Module, params: StateDict, group: list[int],
     return sum(entropy(logits(part, heads[t])) for part, t in zip(parts, group))
 
 
-def step(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch.Tensor],
-         batches: list[torch.Tensor], graph_inputs: int = GRAPH_INPUTS) -> float:
-    """One AdaMerging step's gradient, accumulated group by group (`task_groups`); returns the
-    summed loss."""
+def entropy_backward(encoder: torch.nn.Module, params: Callable[[], StateDict], heads: list[torch.Tensor],
+                     batches: list[torch.Tensor], graph_inputs: int = GRAPH_INPUTS) -> float:
+    """Backward of the entropy summed over tasks, accumulated group by group (`task_groups`), the
+    merged weights `params()` rebuilt for each group so that one group's graph is alive at a
+    time; returns the summed loss."""
     total = 0.0
     for group in task_groups(batches, graph_inputs):
-        loss = group_entropy(encoder, coeffs.merged(), group, heads, batches)
+        loss = group_entropy(encoder, params(), group, heads, batches)
         loss.backward()
         total += loss.item()
     return total
+
+
+def step(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch.Tensor],
+         batches: list[torch.Tensor], graph_inputs: int = GRAPH_INPUTS) -> float:
+    """One AdaMerging step's gradient; returns the summed loss."""
+    return entropy_backward(encoder, coeffs.merged, heads, batches, graph_inputs)
 
 
 def step_all_graphs(encoder: torch.nn.Module, coeffs: MergeCoefficients, heads: list[torch.Tensor],
@@ -145,12 +162,12 @@ def published_lambdas(inputs: MergeInputs, path: str, model: str, *, table: str,
 
 
 def adapt(inputs: MergeInputs, vectors: list[StateDict], *, layer_wise: bool, init: float, lr: float, steps: int,
-          per_task: int, seed: int, split: str = "test", coefficients: str | None = None,
-          coefficients_model: str = "auto", table: str = "") -> Merged:
+          per_task: int, seed: int, split: Split, coefficients: str | None = None,
+          coefficients_model: str = "auto", table: str = "", clamp: bool = True) -> Merged:
     """Learn AdaMerging coefficients over `vectors` (the task vectors, or processed ones: AdaMerging++,
     Concrete AM) on `per_task` images of every task per step, from `split`; or take them from the
     published table `table` in the file `coefficients`."""
-    coeffs = MergeCoefficients(inputs.pretrained, vectors, layer_wise=layer_wise, init=init)
+    coeffs = MergeCoefficients(inputs.pretrained, vectors, layer_wise=layer_wise, init=init, clamp=clamp)
     if coefficients:
         with torch.no_grad():
             coeffs.lambdas.copy_(published_lambdas(inputs, coefficients, coefficients_model, table=table,
@@ -163,7 +180,7 @@ def adapt(inputs: MergeInputs, vectors: list[StateDict], *, layer_wise: bool, in
         info = {"loss_first": curve[0], "loss_last": curve[-1]}
     with torch.no_grad():
         merged = {k: v.cpu() for k, v in coeffs.merged().items()}
-    return Merged(merged, {"keys": coeffs.keys if layer_wise else ["all"], "lambdas": coeffs.clamped().tolist(),
+    return Merged(merged, {"keys": coeffs.keys if layer_wise else ["all"], "lambdas": coeffs.values().tolist(),
                            **info})
 
 
@@ -180,10 +197,10 @@ def label(name: str):
 @merge_method("adamerging", needs=("heads", "images", "device"), label=label("AdaMerging"))
 def adamerging(inputs: MergeInputs, *, layer_wise: bool = True, init: Annotated[float, Field(ge=0, le=1)] = 0.3,
                lr: Annotated[float, Field(gt=0)] = 1e-3, steps: Positive = 500, batch_size: Positive = 16,
-               batches_per_task: Positive = 2, seed: int = 0, coefficients: str | None = None,
+               batches_per_task: Positive = 2, seed: int = 0, split: Split = "test", coefficients: str | None = None,
                coefficients_model: str = "auto") -> Merged:
     """Task-wise (one coefficient per task) or layer-wise (one per task and parameter tensor)."""
-    # the reference takes two batches per task and step; unlabeled test images (transductive)
+    # the reference takes two batches per task and step
     return adapt(inputs, inputs.vectors, layer_wise=layer_wise, init=init, lr=lr, steps=steps,
-                 per_task=batch_size * batches_per_task, seed=seed, split="test", coefficients=coefficients,
+                 per_task=batch_size * batches_per_task, seed=seed, split=split, coefficients=coefficients,
                  coefficients_model=coefficients_model, table=table_name(layer_wise))

@@ -15,14 +15,10 @@ the same trim / sign election Ties-Merging runs; with the coefficients left at `
 theta equals Ties-Merging with `merge: sum` and `scaling: init`.
 
 Defaults: layer_wise true, k 20, init 0.3, lr 1e-3, steps 500, batch_size 16,
-batches_per_task 2, seed 0, split auto, trim_over image_encoder (`state_dict`: k% of what the
+batches_per_task 2, seed 0, split test (the paper's unlabeled test images), trim_over image_encoder (`state_dict`: k% of what the
 reference code flattens, as Ties-Merging's `trim_over`). `coefficients: FILE` takes the authors'
 published table instead of learning (as `adamerging`); their tables were learned over the
 reference trim, so pair it with `trim_over: state_dict`.
-
-Deviation: `split` (auto = the task's train split where it has one, else its test split) says
-which unlabeled images the coefficients are learned on; the AdaMerging paper learns them on
-the test images (transductive), which is `split: test` (what `adamerging` always uses).
 """
 from __future__ import annotations
 
@@ -41,15 +37,14 @@ from pipeline.merging.task_vectors import ties_vectors
 def adamerging_pp(inputs: MergeInputs, *, layer_wise: bool = True, k: Annotated[float, Field(gt=0, le=100)] = 20.0,
                   init: Annotated[float, Field(ge=0, le=1)] = 0.3, lr: Annotated[float, Field(gt=0)] = 1e-3,
                   steps: Positive = 500, batch_size: Positive = 16, batches_per_task: Positive = 2, seed: int = 0,
-                  split: Split = "auto", trim_over: TrimOver = "image_encoder", coefficients: str | None = None,
+                  split: Split = "test", trim_over: TrimOver = "image_encoder", coefficients: str | None = None,
                   coefficients_model: str = "auto") -> Merged:
-    splits = [inputs.resolve_split(t, split) for t in range(len(inputs.tasks))]
     vectors = ties_vectors(inputs.vectors, k, zeros_counted(inputs, trim_over))
     result = adapt(inputs, vectors, layer_wise=layer_wise, init=init, lr=lr, steps=steps,
                    per_task=batch_size * batches_per_task, seed=seed, split=split, coefficients=coefficients,
                    coefficients_model=coefficients_model, table=table_name(layer_wise, "pp"))
     kept = [sum(int((v != 0).sum()) for v in tv.values()) / max(1, sum(v.numel() for v in tv.values()))
             for tv in vectors]
-    result.info.update({"split": dict(zip(inputs.tasks, splits)), "k": k,
+    result.info.update({"k": k,
                         "kept": dict(zip(inputs.tasks, kept))})  # share of each task vector's entries kept
     return result

@@ -21,12 +21,15 @@ Layers covered in open_clip's VisionTransformer (names of `CLIP.visual.state_dic
   pre-hook recomputes softmax(q k^T / sqrt(d_head)) v from the captured input, the layer's
   in_proj weights and its attention mask; the test checks out_proj of it is the module output);
 - `transformer.resblocks.i.mlp.c_fc.weight`, `...mlp.c_proj.weight` (nn.Linear, pre-hooks);
-- `proj` (the final projection, used as `pooled @ proj`, so proj is W^T; input: the pooled
-  feature, recomputed from the transformer output by the encoder's own pooling; only when
-  the encoder has no attentional pooler).
+- `proj` only with `proj: regmean` (the final projection, used as `pooled @ proj`, so proj is
+  W^T; input: the pooled feature, recomputed from the transformer output by the encoder's own
+  pooling; only when the encoder has no attentional pooler). The default, `proj: average`, is
+  FusionBench's: it merges Hugging Face's CLIPVisionModel, which does not hold the projection
+  (CLIPModel.visual_projection), so the projection is never solved for there.
 Not covered, averaged (Weight Averaging): biases, LayerNorms, class and positional
-embeddings, and the patch embedding `conv1` (a convolution; RegMean's paper and FusionBench's
-CLIP RegMean treat linear layers only). Any other encoder's nn.Linear layers are covered too.
+embeddings, the patch embedding `conv1` (a convolution; RegMean's paper and FusionBench's
+CLIP RegMean treat linear layers only), and `proj` by default. Any other encoder's nn.Linear
+layers are covered too.
 
 Memory is fixed, whatever the number of images or tasks: float64 accumulators per covered
 layer (the current task's Gram matrix, the running sum of the scaled Gram matrices, the running
@@ -34,22 +37,18 @@ sum of G_t~ W_t^T), all on the merge device. The solve is torch.linalg.solve in 
 singular sum (an input dimension no image ever activates) falls back to the pseudo-inverse,
 counted in the entry's JSON.
 
-Params (defaults): images 256 per task (all where a task has fewer), batch_size 32, seed 0,
-alpha 0.9, split auto. alpha: the RegMean paper introduces the scaling of the off-diagonal
-entries (alpha in [0, 1]) to keep the merge from degenerating and tunes it per setting;
-FusionBench's CLIP configuration uses 0.6 in older and 0.95 in newer releases. 0.9 here, in
-that range; it was chosen without the paper's text for vision models at hand, so check it
-before quoting RegMean numbers as the paper's setting. images / batch_size follow
-FusionBench's CLIP setting (256 examples, batch 32).
-
-`split`: auto takes the task's train split where it has one and its test split otherwise
-(`split: test` for the transductive setting); recorded per task in the entry's JSON with the
-covered layers and the images used.
+Params (defaults, FusionBench's CLIP setting): images 256 per task (all where a task has fewer),
+batch_size 32, seed 0, alpha 0.95, proj average, split train (RegMean's paper merges with the
+training data's inner products, as FusionBench does; `split: test` is the transductive
+setting). alpha: the RegMean paper introduces the scaling of the off-diagonal entries (alpha
+in [0, 1]) to keep the merge from degenerating and tunes it per setting; FusionBench's CLIP
+configuration used 0.6 until Aug 2025 and 0.95 since. The entry's JSON records the covered
+layers and the images used.
 """
 from __future__ import annotations
 
 import math
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +64,10 @@ Positive = Annotated[int, Field(gt=0)]
 Record = Callable[[str, torch.Tensor], None]  # (weight key, layer inputs (..., in)) -> None
 
 
-def covered_layers(encoder: torch.nn.Module) -> dict[str, bool]:
+Proj = Literal["average", "regmean"]
+
+
+def covered_layers(encoder: torch.nn.Module, proj: Proj = "regmean") -> dict[str, bool]:
     """The weights RegMean merges: state-dict key -> whether the tensor is stored transposed
     (`proj`, used as x @ proj) rather than as nn.Linear's (out, in)."""
     layers: dict[str, bool] = {}
@@ -77,7 +79,7 @@ def covered_layers(encoder: torch.nn.Module) -> dict[str, bool]:
             layers[prefix + "out_proj.weight"] = False
         elif isinstance(module, torch.nn.Linear) and name.rpartition(".")[0] not in attention:
             layers[prefix + "weight"] = False
-    if _pools_plainly(encoder):
+    if proj == "regmean" and _pools_plainly(encoder):
         layers["proj"] = True
     return layers
 
@@ -117,7 +119,7 @@ def _attention_pre_hook(key: str, record: Record):
     return hook
 
 
-def hooks(encoder: torch.nn.Module, record: Record) -> list:
+def hooks(encoder: torch.nn.Module, record: Record, proj: Proj = "regmean") -> list:
     """Register the hooks that pass every covered layer's inputs to `record`; returns the handles."""
     handles = []
     attention = {name for name, m in encoder.named_modules() if isinstance(m, torch.nn.MultiheadAttention)}
@@ -128,7 +130,7 @@ def hooks(encoder: torch.nn.Module, record: Record) -> list:
         elif isinstance(module, torch.nn.Linear) and name.rpartition(".")[0] not in attention:
             handles.append(module.register_forward_pre_hook(
                 lambda m, args, key=prefix + "weight": record(key, args[0])))
-    if _pools_plainly(encoder):
+    if proj == "regmean" and _pools_plainly(encoder):
         handles.append(encoder.transformer.register_forward_hook(
             lambda m, args, out: record("proj", encoder._pool(out)[0])))
     return handles
@@ -179,21 +181,21 @@ class RegMeanSums:
 
 @merge_method("regmean", label="RegMean", needs=("images", "device"))
 def regmean(inputs: MergeInputs, *, images: Positive = 256, batch_size: Positive = 32, seed: int = 0,
-            alpha: Annotated[float, Field(ge=0, le=1)] = 0.9, split: Split = "auto") -> Merged:
-    splits = [inputs.resolve_split(t, split) for t in range(len(inputs.tasks))]
+            alpha: Annotated[float, Field(ge=0, le=1)] = 0.95, proj: Proj = "average",
+            split: Split = "train") -> Merged:
     encoder = inputs.encoder.to(inputs.device).eval()
-    layers = covered_layers(encoder)
+    layers = covered_layers(encoder, proj)
     if not layers:
         raise PipelineError("RegMean: the encoder has no linear layer to merge")
     sums = RegMeanSums(alpha, inputs.device)
     counts = {}
-    handles = hooks(encoder, sums.add)
+    handles = hooks(encoder, sums.add, proj)
     try:
         for t, task in enumerate(inputs.progress(inputs.tasks, desc=inputs.method, unit="task")):
             state = {k: v.to(inputs.device) for k, v in inputs.finetuned[t].items()}
             n = 0
             with torch.no_grad():
-                for batch in inputs.sample(t, images, batch_size, seed + 1000 * t, splits[t]):
+                for batch in inputs.sample(t, images, batch_size, seed + 1000 * t, split):
                     functional_call(encoder, state, (batch.to(inputs.device),))
                     n += len(batch)
             counts[task] = n
@@ -206,5 +208,5 @@ def regmean(inputs: MergeInputs, *, images: Positive = 256, batch_size: Positive
     for key, solution in solutions.items():
         w = solution if layers[key] else solution.T
         merged[key] = w.to("cpu", inputs.pretrained[key].dtype).contiguous()
-    return Merged(merged, {"split": dict(zip(inputs.tasks, splits)), "images": counts, "alpha": alpha,
+    return Merged(merged, {"images": counts, "alpha": alpha,
                            "layers": sorted(solutions), "singular": singular})
