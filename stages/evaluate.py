@@ -129,7 +129,8 @@ def accuracy_table(results: dict, names: list[str], labels: dict[str, str]) -> s
     rows += [{"method": key, "setting": "", "label": f"{labels[key]} + surgery", **r["surgery_acc"],
               "bias": r["surgery_bias"]["avg"], "split": r.get("split"), "published": avg(r, "surgery_acc")}
              for key, r in results.items() if "surgery_acc" in r]
-    extra = {"bias": ("bias avg", 3), "split": ("merge learned on", None)}
+    extra = {"bias": ("bias avg", 3)}
     if any(r["published"] is not None for r in rows):
         extra["published"] = ("published avg", 1)
+    extra["split"] = ("merge learned on", None)
     return tables.to_markdown(rows, names, labels, extra=extra)

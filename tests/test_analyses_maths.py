@@ -175,8 +175,8 @@ def test_a_run_is_compared_with_its_checkpoint_familys_published_figures_and_far
     assert "published" not in results["mine"]  # no published row under that key
     table = accuracy_table(results, tasks, {"task_arithmetic": "Task Arithmetic", "mine": "Mine"})
     header, _, *lines = table.splitlines()
-    assert header.endswith("| bias avg | published avg |")
-    assert lines[2].startswith("| Task Arithmetic |") and lines[2].endswith(f"| {rows['task_arithmetic']['avg']:.1f} |")
+    assert header.endswith("| bias avg | published avg | merge learned on |")
+    assert lines[2].startswith("| Task Arithmetic |") and lines[2].endswith(f"| {rows['task_arithmetic']['avg']:.1f} |  |")
 
     paper = published.rows("task_arithmetic", "ViT-B-32")  # the Surgery paper's Table 1
     assert paper["lw_adamerging"]["avg"] == 80.1 and paper["lw_adamerging" + published.SURGERY]["avg"] == 86.1

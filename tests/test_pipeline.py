@@ -17,16 +17,23 @@ METHODS = list(TINY["merge"])
 
 
 def test_repro_writes_metrics_for_every_method_and_task(world):
+    from pipeline.config import validate
+
     metrics = json.loads((world / "results" / "metrics.json").read_text())
     assert list(metrics) == ["pretrained", "individual", "mtl", *METHODS]  # mtl: miniature world only
     for method in METHODS:
-        assert set(metrics[method]) == {"acc", "surgery_acc", "bias", "surgery_bias"}
-        for table in metrics[method].values():
+        figures = {k: v for k, v in metrics[method].items() if k != "split"}
+        assert set(figures) == {"acc", "surgery_acc", "bias", "surgery_bias"}
+        for table in figures.values():
             assert set(table) == {*TINY["tasks"], "avg"}
+        # the images a data-using merge learned from: its `split` param (each paper's by default)
+        assert metrics[method].get("split") == getattr(validate(TINY).merge_entry(method).params, "split", None)
+    assert [metrics[k]["split"] for k in ("fisher_merging", "regmean", "concrete_adamerging", "lw_adamerging")] == \
+        ["train", "train", "test", "test"]
     assert 0 <= metrics["individual"]["acc"]["avg"] <= 100
     summary = json.loads((world / "results" / "summary.json").read_text())  # what `dvc metrics` shows
-    assert summary == {key: {name: values["avg"] for name, values in figures.items() if name != "near_chance"}
-                       for key, figures in metrics.items()}
+    assert summary == {key: {name: values["avg"] for name, values in figures.items()
+                             if name not in ("near_chance", "split")} for key, figures in metrics.items()}
 
 
 def test_tasks_the_individual_or_zero_shot_encoders_get_at_chance_are_flagged_loudly(world, tmp_path):
@@ -67,13 +74,14 @@ def test_every_method_records_what_it_learned_beside_its_checkpoint(world):
     assert set(info["fisher_merging"]["fisher"]) == set(TINY["tasks"])
     assert all(f["norm"] > 0 and f["images"] == TINY["merge"]["fisher_merging"]["images"]
                for f in info["fisher_merging"]["fisher"].values())
-    assert info["regmean"]["layers"] and info["regmean"]["split"] == {t: "train" for t in TINY["tasks"]}
+    assert info["regmean"]["layers"] and info["regmean"]["params"]["split"] == "train"
     for key in ("concrete_task_arithmetic", "concrete_adamerging"):
-        assert 0 <= info[key]["mask"]["kept"] <= 1
-    assert info["concrete_task_arithmetic"]["split"] == {t: "test" for t in TINY["tasks"]}
-    for key in ("concrete_adamerging", "tw_adamerging", "lw_adamerging", "tw_adamergingpp", "lw_adamergingpp"):
+        assert 0 <= info[key]["mask"]["kept"] <= 1 and info[key]["params"]["split"] == "test"
+        assert info[key]["mask"]["final"] == "continuous" and info[key]["mask"]["mean_value"] == pytest.approx(1.0)
+    for key in ("tw_adamerging", "lw_adamerging", "tw_adamergingpp", "lw_adamergingpp"):
         lambdas = torch.tensor(info[key]["lambdas"])
-        assert lambdas.shape[0] == len(TINY["tasks"]) and ((lambdas >= 0) & (lambdas <= 1)).all()
+        assert lambdas.shape[0] == len(TINY["tasks"]) and ((lambdas >= 0) & (lambdas <= 1)).all()  # clamped
+    assert len(info["concrete_adamerging"]["lambdas"]) == len(TINY["tasks"])  # unclamped, as the reference
     assert info["mtl_checkpoint"]["format"] and len(info["mtl_checkpoint"]["sha256"]) == 64
 
 
