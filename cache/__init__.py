@@ -3,9 +3,9 @@
 The store's names are loaded on first use, so `cache.files` (atomic writes, hashing) comes
 without importing zarr and dask.
 """
-__all__ = ["CODE_VERSION", "FeatureStore", "IncompleteStoreError", "MissingStoreError", "StoreError",
-           "StoreMismatchError", "StoreWriter", "mean_abs_diff", "mean_abs_diffs", "open_store", "open_writer",
-           "write_region"]
+__all__ = ["CODE_VERSION", "FeatureStore", "IncompleteStoreError", "Leftover", "MissingStoreError", "StoreError",
+           "StoreMismatchError", "StoreWriter", "clear_leftovers", "leftovers", "mean_abs_diff", "mean_abs_diffs",
+           "open_store", "open_writer", "write_region"]
 
 
 def __getattr__(name: str):

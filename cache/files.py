@@ -84,13 +84,3 @@ def sha256_file(path, digest=None) -> "hashlib._Hash":
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest
-
-
-def tree_digest(*roots: Path, pattern: str = "*.py") -> str:
-    """One hash of every matching file's path and bytes under the roots (e.g. a package's code)."""
-    digest = hashlib.sha256()
-    for root in map(Path, roots):
-        for path in sorted(root.rglob(pattern)):
-            digest.update(str(path.relative_to(root.parent)).encode())
-            sha256_file(path, digest)
-    return digest.hexdigest()

@@ -13,6 +13,7 @@ import os
 import shutil
 import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
@@ -100,6 +101,56 @@ def _release(path: Path, remove: bool = False) -> None:
         lock.unlink(missing_ok=True)  # before the release: nobody locks a removed file
     if lock in _HELD:
         os.close(_HELD.pop(lock))
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """What an interrupted write leaves beside a store: its unfinished `.partial` (or `.old`) copy,
+    or a `.lock` file; `writer` is the pid of a process still writing it (None: nobody is)."""
+    path: Path
+    store: Path
+    writer: int | None
+
+
+LEFTOVER_SUFFIXES = (".partial", ".old", ".lock")
+
+
+def leftovers(root: Path) -> list[Leftover]:
+    """Every leftover of an interrupted store write under `root`."""
+    found = []
+    for suffix in LEFTOVER_SUFFIXES:
+        for path in sorted(Path(root).rglob(f"*.zarr{suffix}")):
+            store = path.with_name(path.name[:-len(suffix)])
+            found.append(Leftover(path, store, _writer(_sibling(store, ".lock"))))
+    return found
+
+
+def _writer(lock: Path) -> int | None:
+    """The pid holding `lock`, None when no process does (or there is no lock file)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(owner) if owner.isdigit() else -1
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def clear_leftovers(root: Path) -> list[Path]:
+    """Remove the leftovers no process is writing; returns what was removed."""
+    removed = []
+    for item in leftovers(root):
+        if item.writer is None and item.path.exists():
+            shutil.rmtree(item.path) if item.path.is_dir() else item.path.unlink()
+            removed.append(item.path)
+    return removed
 
 
 class StoreWriter:

@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pipeline.errors import PipelineError
@@ -330,14 +329,22 @@ def _check_tasks(params: Params) -> None:
                          f"(missing: {', '.join(lacking)})")
 
 
+def read_yaml(path: Path) -> Any:
+    """A params file read as DVC reads it (ruamel.yaml, YAML 1.2: `5e-1` is a number, `on` a
+    string), so that repsurgery and `dvc exp run -S` never see two different values."""
+    from ruamel.yaml import YAML, YAMLError
+
+    try:
+        return YAML(typ="safe").load(path.read_text())
+    except YAMLError as exc:
+        raise PipelineError(f"{path} is not valid YAML: {' '.join(str(exc).split())[:300]}") from None
+
+
 def load(path: Path | str = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"no params file at {path.resolve()}: run from the project root or pass --params")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = read_yaml(path)
     try:
         params = validate(raw)
     except PipelineError as exc:

@@ -16,6 +16,7 @@ from pipeline.data import datasets
 from pipeline.data.checks import REIMPORT, Finding, check_data, check_heads, check_runtime
 from pipeline.errors import PipelineError
 from pipeline.features.jobs import check_disk
+from pipeline.features.stores import leftover_report
 
 SAMPLE = 64          # images per task the encoders run on
 
@@ -79,7 +80,7 @@ def examine(params: Params, device: torch.device, *, progress: Callable = lambda
         from pipeline.data import sources
 
         try:
-            sources.check(params.source, params.tasks, workspace.SPLIT)
+            sources.check(params.source, params.tasks)
         except PipelineError as exc:
             findings += [Finding("sources", line.strip(), "") for line in str(exc).splitlines()[1:]]
     unbuilt = [str(p) for p in (workspace.DATA, workspace.PRETRAINED, workspace.HEADS, workspace.FINETUNED)
@@ -93,6 +94,7 @@ def examine(params: Params, device: torch.device, *, progress: Callable = lambda
     findings += check_heads(params)
     findings += check_encoders(params, device, progress=progress)
     findings += check_disk(params)
+    findings += [Finding("leftovers", path, what, warning=True) for path, what in leftover_report()]
     findings += check_runtime(params, device)
     return findings
 

@@ -7,12 +7,11 @@ fine-tuned encoder on its own task), `mtl` (Traditional MTL, miniature world) an
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
 
-from cache.files import tree_digest, write_text
+from cache.files import write_text
 
 SPLIT = "test"  # merging, surgery and evaluation all use the unlabeled test split
 
@@ -29,7 +28,8 @@ FEATURES = Path("features")
 LABELS = FEATURES / "labels"
 TSNE_CACHE = FEATURES / "tsne"  # t-SNE embeddings by input digest (analysis-tsne)
 RESULTS = Path("results")
-SOURCES = RESULTS / "sources.json"  # where the models and data came from (stage sources)
+SOURCES = RESULTS / "sources.json"  # where the models and data came from (stage check)
+FINGERPRINTS = RESULTS / "fingerprints"  # the code each merge entry runs (stage check)
 METRICS = RESULTS / "metrics.json"  # every figure, per task
 SUMMARY = RESULTS / "summary.json"  # the averages: what `dvc metrics` and `dvc exp show` show
 ACCURACY_TABLE = RESULTS / "accuracy.md"
@@ -52,6 +52,11 @@ def finetuned_checkpoint(task: str) -> Path:
 
 def merged_checkpoint(key: str) -> Path:
     return MERGED / f"{key}.safetensors"
+
+
+def merge_fingerprint(key: str) -> Path:
+    """The digest of the code merge entry `key` runs: stage `merge@KEY` depends on it."""
+    return FINGERPRINTS / f"{key}.json"
 
 
 def merged_info(key: str) -> Path:
@@ -105,11 +110,3 @@ def analysis(name: str) -> Path:
 
 def write_json(path: Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-@functools.lru_cache(maxsize=1)
-def code_digest() -> str:
-    """The installed library's code (pipeline/ and cache/): results recorded with a digest of
-    their inputs include it, so a code change never leaves them taken as current."""
-    root = Path(__file__).resolve().parents[1]
-    return tree_digest(root / "pipeline", root / "cache")

@@ -11,7 +11,8 @@ import typer
 from pipeline.config import LOSSES, Surgery
 from stages.listing import LISTINGS
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown")  # a docstring's paragraphs reflowed whole, never cut
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file (paths are relative to the cwd)")
 DeviceOpt = typer.Option(None, "--device", help="auto (default: CUDA if present), cpu, cuda, cuda:N; "
@@ -20,16 +21,28 @@ DeviceOpt = typer.Option(None, "--device", help="auto (default: CUDA if present)
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        typer.echo(f"repsurgery {version('repsurgery')}")
+        try:
+            typer.echo(f"repsurgery {version('repsurgery')}")
+        except PackageNotFoundError:  # a source checkout run without installing: pyproject.toml says
+            import tomllib
+
+            project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+            typer.echo(f"repsurgery {project['version']} (source checkout, not installed)")
         raise typer.Exit()
 
 
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="Print the installed version and exit.")):
+                                      help="Print the version and exit."),
+         debug: bool = typer.Option(False, "--debug", help="Full tracebacks instead of one line per error "
+                                    "(also: REPSURGERY_DEBUG=1).")):
     """Representation Surgery for merged CLIP image encoders: run any pipeline stage."""
+    if debug:
+        from pipeline.errors import DEBUG_ENV
+
+        os.environ[DEBUG_ENV] = "1"
 
 
 def _stage(fn):
@@ -43,7 +56,9 @@ def _stage(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            if not isinstance(exc, _user_errors()):
+            from pipeline.errors import debugging
+
+            if not isinstance(exc, _user_errors()) or debugging():
                 raise
             typer.secho(f"error: {_original_message(exc)}", fg=typer.colors.RED, err=True)
             sys.exit(1)
@@ -82,12 +97,13 @@ def _ctx(params: Path, device: str | None = None):
     return _params(params), pick_device(device)
 
 
-@app.command("check-sources")
+@app.command("check")
 @_stage
-def check_sources(params: Path = ParamsOpt):
-    """Check that every model and dataset params `source` names is available locally (before
-    `dvc repro` replaces anything) -> results/sources.json."""
-    from stages.sources import check_sources as run
+def check(params: Path = ParamsOpt):
+    """The first stage: validate every section of params, check that every model and dataset params
+    `source` names is available locally (before `dvc repro` replaces anything) -> results/sources.json,
+    and fingerprint each merge entry's code -> results/fingerprints/."""
+    from stages.check import check as run
 
     run(_params(params))
 
@@ -198,7 +214,7 @@ def extract(encoders: list[str] = typer.Argument(None, help="pretrained, individ
                                           "(tcp://host:8786): its workers extract, this process finalises"),
             workers: int = typer.Option(None, "--workers", min=1, help="start a local Dask cluster of N worker "
                                         "processes (one per GPU)")):
-    """Features of every encoder on every task, each image decoded once -> features/<encoder>/."""
+    """Features of every encoder on every task, each image decoded once -> features/ENCODER/."""
     from stages.extract import extract_features
 
     extract_features(*_ctx(params, device), encoders or None, scheduler=scheduler, workers=workers)

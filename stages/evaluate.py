@@ -62,7 +62,7 @@ def evaluate(params: Params) -> dict:
     workspace.write_json(workspace.SUMMARY, metrics.summary(results))
     table = accuracy_table(results, names, params.labels()) + note
     write_text(workspace.ACCURACY_TABLE, table)
-    print(table)
+    print(summary_table(results, params.labels()) + note)
     print(f"metrics written to {workspace.METRICS} (per task), {workspace.SUMMARY} (averages) and "
           f"{workspace.ACCURACY_TABLE}")
     return results
@@ -116,6 +116,16 @@ def published_note(family: str, arch: str | None) -> str:
         return (f"no published figures for checkpoint family {family!r}" + (f" and {info['arch']}" if info["arch"] else "")
                 + " (params `source.family`)")
     return f"{family} {info['arch']}: {info['source']}"
+
+
+def summary_table(results: dict, labels: dict[str, str]) -> str:
+    """The averages of every row, narrow enough for a terminal (per task: results/accuracy.md)."""
+    rows = [("Encoder", "Avg", "+ surgery", "bias", "+ surgery")]
+    for key, figures in results.items():
+        cells = [figures.get(name, {}).get("avg") for name in ("acc", "surgery_acc", "bias", "surgery_bias")]
+        rows.append((tables.label(key, labels), *("" if v is None else f"{v:.{d}f}" for v, d in zip(cells, (1, 1, 3, 3)))))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{r[0]:<{width}}  " + "  ".join(f"{c:>9}" for c in r[1:]) for r in rows)
 
 
 def accuracy_table(results: dict, names: list[str], labels: dict[str, str]) -> str:

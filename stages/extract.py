@@ -13,6 +13,7 @@ import shutil
 
 import torch
 
+from cache.store import clear_leftovers
 from pipeline import workspace
 from pipeline.config import Params
 from pipeline.data import datasets
@@ -32,6 +33,8 @@ def prune(params: Params, chosen: list[str]) -> None:
     for path in stale:
         shutil.rmtree(path)
         print(f"removed {path}: its task or merge entry is not in the params")
+    for path in clear_leftovers(workspace.FEATURES):  # every wanted store is complete now
+        print(f"removed {path}: left by an interrupted extraction")
     for folder in (workspace.FEATURES / "merged").glob("*"):
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
@@ -61,5 +64,5 @@ def extract_features(params: Params, device: torch.device, names: list[str] | No
                      job.targets[0].attrs["dataset_fingerprint"])
     if not names:
         prune(params, chosen)
-    print(f"{len(paths)} feature stores ready under {workspace.FEATURES}/ ({', '.join(chosen)}); "
-          f"labels under {workspace.LABELS}/")
+    print(f"{len(paths)} feature stores of {len(chosen)} encoders ready under {workspace.FEATURES}/; labels under "
+          f"{workspace.LABELS}/")

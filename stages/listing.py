@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -15,8 +16,13 @@ def methods(_params: Path | None) -> str:
                            for k, f in method.params.model_fields.items())
         needs = f" [needs {', '.join(sorted(method.needs))}]" if method.needs else ""
         label = method.label if isinstance(method.label, str) else _label_of_defaults(method)
-        lines.append(f"{name}: {label}{needs} ({fields or 'no params'}) from {method.module}")
+        lines.append(f"{name}: {label}{needs}")
+        lines += textwrap.wrap(f"{method.module}; params: {fields or 'none'}", WIDTH, initial_indent="    ",
+                               subsequent_indent="      ")
     return "\n".join(lines)
+
+
+WIDTH = 120  # a terminal's columns
 
 
 def _label_of_defaults(method) -> str:
@@ -31,8 +37,8 @@ def _label_of_defaults(method) -> str:
 def adapters(_params: Path | None) -> str:
     from pipeline.config import LOSSES, Surgery
 
-    return ("surgery: one adapter per task on the merged features, z_hat = z - W_up ReLU(W_down z) "
-            "(W_down: rank x d, W_up: d x rank, zero at the start: identity)\n"
+    return ("surgery: one adapter per task on the merged features, z_hat = z - W_up ReLU(W_down z)\n"
+            "    (W_down: rank x d, W_up: d x rank, zero at the start: identity)\n"
             f"losses (surgery.loss): {', '.join(LOSSES)}\n"
             f"params `surgery` and `analyses.surgery`: {', '.join(Surgery.model_fields)}")
 
@@ -42,7 +48,7 @@ def tasks(_params: Path | None) -> str:
     from pipeline.world.images import TASK_NAMES
 
     return (f"miniature world (source: world): {', '.join(TASK_NAMES)}\n"
-            f"paper setting (a `source` mapping; `repsurgery preset paper-vit-b-32`): {', '.join(PAPER_TASKS)}")
+            f"paper setting (a `source` mapping; `repsurgery preset paper-vit-b-32`):\n    {', '.join(PAPER_TASKS)}")
 
 
 def params(path: Path | None) -> str:

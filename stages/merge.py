@@ -6,6 +6,7 @@ import torch
 from pipeline import workspace
 from pipeline.config import Params
 from pipeline.data.checks import preflight
+from pipeline.errors import PipelineError
 from pipeline.merging import registry
 from pipeline.merging.inputs import load_inputs
 from pipeline.models.checkpoints import save_state
@@ -23,10 +24,13 @@ def merge(key: str, params: Params, device: torch.device) -> None:
     if "images" in method.needs and "batch_size" in entry.params.model_fields:
         params.check_rows(dict(zip(params.tasks, map(len, inputs.datasets))), f"merge.{key}.batch_size",
                           entry.params.batch_size)
-    result = method.run(inputs, entry.params)
+    try:
+        result = method.run(inputs, entry.params)  # checked before anything is written
+    except PipelineError as exc:
+        raise PipelineError(f"merge entry {key!r}: {exc}") from exc
     fp = save_state(workspace.merged_checkpoint(key), result.state, method=entry.method, key=key)
     workspace.write_json(workspace.merged_info(key), {
         "key": key, "method": entry.method, "label": entry.label, "params": entry.params.model_dump(),
         "tasks": params.tasks, "fingerprint": fp, **result.info})
-    print(f"{key} ({entry.label}), {len(params.tasks)} tasks -> {workspace.merged_checkpoint(key)} "
-          f"(fingerprint {fp}); details in {workspace.merged_info(key)}")
+    print(f"{key} ({entry.label}), {len(params.tasks)} tasks -> {workspace.merged_checkpoint(key)}\n"
+          f"  fingerprint {fp}; details in {workspace.merged_info(key)}")

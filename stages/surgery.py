@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import workspace
+from pipeline import provenance, workspace
 from pipeline.config import Params
 from pipeline.errors import PipelineError
 from pipeline.features.stores import open_features, read_features
@@ -20,7 +20,7 @@ def inputs_of(key: str, params: Params) -> str:
     stores = {f"{enc}/{t}": open_features(enc, t).attrs["sha256"]
               for enc in (workspace.merged_encoder(key), "individual") for t in params.tasks}
     return inputs_digest(tasks=params.tasks, surgery=params.surgery.model_dump(), stores=stores,
-                         code=workspace.code_digest())
+                         code=provenance.digest([__name__]))
 
 
 def run_surgery(params: Params, device: torch.device, keys: list[str] | None = None) -> None:
@@ -47,8 +47,8 @@ def run_surgery(params: Params, device: torch.device, keys: list[str] | None = N
             path = save_surgery(key, module, tasks=params.tasks, inputs=digest)
             workspace.write_json(workspace.surgery_info(key), {"tasks": params.tasks, "rank": cfg.rank,
                                                                "loss_first": curve[0], "loss_last": curve[-1]})
-            print(f"surgery {key}: {len(params.tasks)} tasks, rank {cfg.rank}, loss {curve[0]:.4f} -> "
-                  f"{curve[-1]:.4f}; -> {path}")
+            print(f"surgery {key}: {len(params.tasks)} tasks, rank {cfg.rank}, loss {curve[0]:.4f} -> {curve[-1]:.4f}"
+                  f"\n  -> {path}")
     prune(params)
 
 

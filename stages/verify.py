@@ -12,7 +12,7 @@ from pipeline import workspace
 from pipeline.config import Params
 from pipeline.errors import PipelineError
 from pipeline.features.jobs import encoders
-from pipeline.features.stores import open_features
+from pipeline.features.stores import leftover_report, open_features
 from stages.common import progress
 
 
@@ -28,6 +28,8 @@ def verify(params: Params, names: list[str] | None) -> None:
         except StoreError as exc:
             problems.append(str(exc))
             print(f"  {exc}", file=sys.stderr)
+    for path, what in leftover_report():
+        print(f"  {path}: {what}", file=sys.stderr)
     if problems:
         raise PipelineError(f"{len(problems)} of {len(stores)} feature stores failed the check (above, each with "
                             "its fix)")

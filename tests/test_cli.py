@@ -22,7 +22,9 @@ def test_list_shows_every_registered_choice_and_the_effective_params(tmp_path):
     text = cli(tmp_path, "list", check=True).stdout
     sections = dict(part.split("\n", 1) for part in ("\n" + text).split("\n# ")[1:])
     assert list(sections) == ["methods", "adapters", "tasks", "params"]
-    assert [line.split(":")[0] for line in sections["methods"].splitlines()] == list(registry.available())
+    methods = [line.split(":")[0] for line in sections["methods"].splitlines() if not line.startswith(" ")]
+    assert methods == list(registry.available())
+    assert max(map(len, text.splitlines())) <= 120  # a terminal's width
     assert all(loss in sections["adapters"] for loss in LOSSES)
     assert all(task in sections["tasks"] for task in (*TASK_NAMES, *PAPER_TASKS))
     shown = yaml.safe_load(sections["params"])

@@ -4,13 +4,14 @@ entry-point group, without forking."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import textwrap
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import BIN, ROOT, TINY, cli, copy_project, run, with_merges
+from tests.conftest import BIN, ROOT, TINY, cli, copy_project, run
 
 TRAINING_FREE = '''
 """Median merging: theta_0 + scaling * the element-wise median of the task vectors."""
@@ -72,20 +73,35 @@ def own_code(project: Path) -> dict:
     return {"PYTHONPATH": str(project)}
 
 
-def test_one_new_module_and_one_params_entry_each_give_a_method_every_result(world, tmp_path):
+def stages_run(project: Path, extra_env: dict, *targets: str) -> list[str]:
+    """`dvc repro [targets]`, and the stages it ran."""
+    done = run([str(BIN / "dvc"), "repro", *targets], project, extra_env=extra_env)
+    return re.findall(r"Running stage '([^']+)'", done.stdout)
+
+
+def test_a_new_method_runs_only_its_own_branch_and_an_edit_reruns_only_the_entries_that_run_that_code(world, tmp_path):
+    """One module plus one params entry give a method every result; adding it runs only its
+    merge, its stores, its adapters, evaluate and the analyses that list it (the bias analysis
+    lists every entry); editing a method's code re-runs only the entries whose code it is."""
     project = copy_project(world, tmp_path / "copy")
     extra_env = own_code(project)
     methods = project / "pipeline" / "merging" / "methods"
     (methods / "median.py").write_text(textwrap.dedent(TRAINING_FREE))
     (methods / "entropy_scaled.py").write_text(textwrap.dedent(DATA_USING))
-    # The methods' code changed, so DVC reruns every merge entry: keep one besides the new two.
-    params = with_merges(yaml.safe_load((project / "params.yaml").read_text()), ["task_arithmetic"])
+    params = yaml.safe_load((project / "params.yaml").read_text())
     params["merge"]["median"] = {"scaling": 0.5}
     params["merge"]["entropy_scaled"] = {"points": 2}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    run([str(BIN / "dvc"), "repro", "-q"], project, extra_env=extra_env)
-
+    ran = stages_run(project, extra_env)
+    assert sorted(ran) == sorted(["check", "merge@median", "merge@entropy_scaled", "extract", "surgery", "evaluate",
+                                  "analyses"])
+    listed_everywhere = [name for name, section in TINY["analyses"].items() if section.get("methods") == []]
+    recomputed = json.loads((project / "results" / "analyses" / "bias" / "inputs.json").read_text())["methods"]
+    assert "median" in recomputed and listed_everywhere == ["bias"]
+    for name in ("rank", "loss", "tsne"):  # lists of their own: kept
+        assert json.loads((project / "results" / "analyses" / name / "inputs.json").read_text())["methods"] == \
+            TINY["analyses"][name]["methods"]
     metrics = json.loads((project / "results" / "metrics.json").read_text())
     for key in ("median", "entropy_scaled"):
         assert set(metrics[key]) == {"acc", "surgery_acc", "bias", "surgery_bias"}
@@ -98,6 +114,21 @@ def test_one_new_module_and_one_params_entry_each_give_a_method_every_result(wor
     assert info["scaling"] in (0.1, 0.5) and info["params"]["points"] == 2
     listed = cli(project, "list", "methods", check=True, extra_env=extra_env).stdout
     assert "median: Median" in listed and "entropy_scaled: Entropy-scaled TA [needs device, heads, images]" in listed
+
+    # Editing one method re-runs its entries only (the merged weights are the same: nothing after them)
+    with (methods / "median.py").open("a") as handle:
+        handle.write("\n# an edit\n")
+    assert stages_run(project, extra_env) == ["check", "merge@median"]
+    # Editing code that other methods import re-runs each entry whose fingerprint holds it, and no other
+    shared = "pipeline/merging/methods/ties_merging.py"
+    fingerprints = {key: json.loads((project / "results" / "fingerprints" / f"{key}.json").read_text())
+                    for key in params["merge"]}
+    expected = {key for key, code in fingerprints.items() if shared in code["files"]}
+    assert {"ties_merging", "tw_adamergingpp", "lw_adamergingpp"} <= expected < set(params["merge"])
+    with (project / shared).open("a") as handle:
+        handle.write("\n# an edit\n")
+    ran = stages_run(project, extra_env)
+    assert ran[0] == "check" and set(ran[1:]) == {f"merge@{key}" for key in expected}
 
 
 def test_a_third_party_package_registers_a_method_through_the_entry_point_group(world, tmp_path):
@@ -125,6 +156,14 @@ def test_a_third_party_package_registers_a_method_through_the_entry_point_group(
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     done = cli(project, "merge", "mine", check=True, extra_env=extra_env)
     assert "mine (Plugin sum)" in done.stdout and (project / "models" / "merged" / "mine.safetensors").exists()
+    # DVC sees the plugin's code through the entry's fingerprint: an edit re-runs its entry
+    assert stages_run(project, extra_env, "merge@mine") == ["check", "merge@mine"]
+    code = json.loads((project / "results" / "fingerprints" / "mine.json").read_text())
+    assert str(site / "mergeplugin" / "__init__.py") in code["files"]
+    with (site / "mergeplugin" / "__init__.py").open("a") as handle:
+        handle.write("\n# an edit\n")
+    assert "check" in run([str(BIN / "dvc"), "status"], project, extra_env=extra_env).stdout  # never "up to date"
+    assert stages_run(project, extra_env, "merge@mine") == ["check", "merge@mine"]
 
     (dist / "entry_points.txt").write_text("[repsurgery.merge_methods]\nbroken = mergeplugin_missing\n")
     done = cli(project, "list", "methods", extra_env=extra_env)

@@ -172,6 +172,19 @@ def test_missing_source_files_name_the_fix(project, tmp_path):
     assert "not in the cache" in done.stderr and "repsurgery fetch" in done.stderr
 
 
+def test_a_dataset_whose_shard_holds_no_rows_is_refused_by_name_and_the_data_is_kept(project, tmp_path):
+    empty = tmp_path / "empty" / "data" / "test-00000-of-00001.parquet"
+    empty.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"image": pa.array([], type=IMAGE_TYPE), "label": pa.array([], type=pa.int64())}), empty)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["source"]["datasets"]["mnist"] = str(tmp_path / "empty")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    before = {p: p.read_bytes() for p in sorted((project / "data").rglob("*")) if p.is_file()}
+    done = cli(project, "prepare-data", "--params", str(tmp_path / "p.yaml"))
+    assert done.returncode == 1 and f"{empty} holds no rows" in done.stderr and "Traceback" not in done.stderr
+    assert {p: p.read_bytes() for p in sorted((project / "data").rglob("*")) if p.is_file()} == before
+
+
 def test_fetch_offline_fails_at_once_naming_everything_missing(tmp_path):
     done = run([str(BIN / "repsurgery"), "preset", "paper-vit-b-32"], tmp_path)
     assert "repsurgery fetch" in done.stdout

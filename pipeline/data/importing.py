@@ -63,7 +63,10 @@ def _check_shard(shard: Path, n_classes: int) -> int:
     if not (pa.types.is_struct(image) and image.get_field_index("bytes") >= 0):
         raise PipelineError(f"{shard}: column `image` must be a struct with `bytes` (Hugging Face Image), got {image}")
     labels = pq.read_table(shard, columns=["label"])["label"].to_numpy()
-    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+    if not len(labels):
+        raise PipelineError(f"{shard} holds no rows (a download cut short, or the wrong file?): replace it; "
+                            "nothing was imported")
+    if labels.min() < 0 or labels.max() >= n_classes:
         raise PipelineError(f"{shard}: labels span {labels.min()}..{labels.max()}, but the task has {n_classes} "
                             "class names: wrong dataset or wrong class names for this task?")
     return len(labels)

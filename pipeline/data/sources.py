@@ -79,7 +79,7 @@ def pretrained_weights(src) -> Path:
                         "`source.pretrained.weights` to a local file")
 
 
-def check(src, tasks: list[str], split: str) -> dict:
+def check(src, tasks: list[str]) -> dict:
     """Every model and test split the source names, resolved to its local path (the Hub entries
     in the fetch cache), before any stage replaces an output: a record of where each came from,
     with the sha256 `repsurgery fetch` took of its files. Every gap is named at once."""

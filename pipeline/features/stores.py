@@ -16,11 +16,24 @@ import json
 import numpy as np
 import torch
 
-from cache import FeatureStore, open_store
+from cache import FeatureStore, leftovers, open_store
 from pipeline import workspace
 from pipeline.data import datasets
 from pipeline.errors import PipelineError
 from pipeline.models.checkpoints import fingerprint, load_state, read_metadata
+
+
+def leftover_report() -> list[tuple[str, str]]:
+    """What interrupted extractions left under features/, each with what becomes of it."""
+    report = []
+    for item in leftovers(workspace.FEATURES):
+        if item.writer is not None:
+            report.append((str(item.path), f"being written by process {item.writer} (a running extraction)"))
+        else:
+            report.append((str(item.path), "left by an interrupted extraction: the next `repsurgery extract` (or "
+                                           "`dvc repro`) resumes the store if it is still wanted and removes the "
+                                           "rest"))
+    return report
 
 
 def fix_hint(encoder: str) -> str:

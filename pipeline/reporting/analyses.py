@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from cache.files import sha256_file
-from pipeline import workspace
+from pipeline import provenance, workspace
 from pipeline.config import Params, Surgery
 from pipeline.errors import PipelineError
 from pipeline.features.stores import read_features, read_labels
@@ -317,7 +317,7 @@ def identity(name: str, ctx: Context) -> str:
     parts = {"name": name, "tasks": ctx.names, "methods": {m: ctx.label(m) for m in ctx.methods}, "stores": stores,
              "settings": getattr(ctx.params.analyses, name.replace("-", "_"), None),
              "surgery": {k: getattr(ctx.params.analyses.surgery, k) for k in SURGERY_READ.get(name, [])},
-             "world": ctx.params.is_world, "code": workspace.code_digest(),
+             "world": ctx.params.is_world, "code": provenance.digest([__name__]),
              "files": {str(p): sha256_file(p).hexdigest() if p.exists() else None
                        for p in [workspace.HEADS, *sorted(workspace.LABELS.glob("*.json")), *read]}}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

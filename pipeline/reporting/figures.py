@@ -1,6 +1,5 @@
-"""Static figures (PNG and SVG) with matplotlib's Agg backend: `dvc plots show` renders HTML
-that loads vega from a CDN, which offline machines cannot reach, so every figure also exists
-as a plain image file."""
+"""Static figures (PNG and SVG) with matplotlib's Agg backend: every figure exists as a plain
+image file, for the docs and for readers without `dvc plots show`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,22 +64,33 @@ def bars(categories: list[str], series: dict[str, list[float]], stem: Path, *, y
     ax.set_xticks(x, categories, rotation=30 if len(categories) > 6 else 0)
     ax.set(ylabel=ylabel, title=title)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the bars
     return save(fig, stem)
 
 
+PANELS_PER_ROW = 4  # the bias figure's grid: readable at its default size whatever the number of entries
+
+
 def bias_panels(tasks: list[str], panels: dict[str, tuple[list[float], list[float]]], stem: Path) -> list[Path]:
-    """Fig. 2/5: per method, the bias of each task without (blue) and with (red) surgery."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharey=True, squeeze=False)
+    """Fig. 2/5: per method, the bias of each task without (blue) and with (red) surgery, in a
+    grid of at most PANELS_PER_ROW panels a row."""
+    columns = min(PANELS_PER_ROW, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.9 * rows), sharey=True, squeeze=False)
     x = np.arange(len(tasks))
-    for ax, (title, (before, after)) in zip(axes[0], panels.items()):
+    for ax, (title, (before, after)) in zip(axes.flat, panels.items()):
         ax.bar(x - 0.2, before, 0.4, color=BLUE, label="merged")
         ax.bar(x + 0.2, after, 0.4, color=RED, label="merged + surgery")
         ax.set_xticks(x, tasks, rotation=60, fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel("representation bias (Eq. 1)")
-    axes[0][0].legend(fontsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("bias (Eq. 1)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, 1.02))
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     return save(fig, stem)
 
 

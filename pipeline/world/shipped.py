@@ -95,7 +95,8 @@ def install(part: str, params) -> bool:
         raise
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
-    print(f"{part}: the shipped world encoders ({len(files)} files, checked against {MANIFEST}) -> {target}/")
+    shown = MANIFEST.relative_to(ROOT.parents[2])  # pipeline/assets/world/manifest.json
+    print(f"{part}: the shipped world encoders ({len(files)} files, checked against {shown}) -> {target}/")
     return True
 
 

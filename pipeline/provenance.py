@@ -1,0 +1,107 @@
+"""Which code a result comes from: the import closure of the modules that compute it, read from
+their source, and a digest of those files.
+
+A result that records the digest of its own closure is recomputed when that code changes and
+only then: editing one merge method re-runs that method's entries, editing shared code
+re-runs everything that imports it, and a plugin's module counts like a built-in one. The
+closure is static (imports inside functions count, so it may over-approximate); the registry's
+dynamic import of every method module is not an edge, so one method's closure holds no other
+method. No torch here: the first pipeline stage computes digests before anything is loaded.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+from functools import cache
+from pathlib import Path
+from typing import Iterable
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = ("pipeline", "stages", "cache")
+# Modules whose changes cannot change a result: the command dispatcher, progress bars, params
+# validation (the values it checks are DVC params, recorded apart) and the error type.
+NOT_RESULTS = frozenset({"stages.cli", "stages.common", "pipeline.config", "pipeline.errors"})
+
+
+@cache
+def module_file(name: str) -> Path | None:
+    """The source file of module `name` (a package's __init__.py), None where there is none."""
+    if name.split(".")[0] in PROJECT:  # without importing anything: the project's own layout
+        base = ROOT.joinpath(*name.split("."))
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.exists():
+                return candidate
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    return Path(origin) if origin and origin.endswith(".py") else None
+
+
+def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    """The absolute module name of a (possibly relative) `from ... import`."""
+    if not node.level:
+        return node.module or ""
+    parts = module.split(".")
+    base = parts if is_package else parts[:-1]
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imported(name: str, roots: tuple[str, ...]) -> set[str]:
+    """The modules under `roots` (top-level package names) that module `name` imports, at module
+    level or inside functions (a package's own __init__ counts where it is imported by name)."""
+    path = module_file(name)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(node, name, path.name == "__init__.py")
+            if base.split(".")[0] in roots:  # never look another package up: that would import it
+                names = [n if module_file(n) else base for n in (f"{base}.{a.name}" for a in node.names)]
+        out |= {full for full in names if full.split(".")[0] in roots and module_file(full)}
+    return out
+
+
+def closure(modules: Iterable[str]) -> dict[str, Path]:
+    """Every module the given ones run (themselves included, NOT_RESULTS left out), by name ->
+    file: project modules, and a plugin's modules within its own top-level package."""
+    modules = list(modules)
+    roots = tuple(sorted({*PROJECT, *(m.split(".")[0] for m in modules)}))
+    seen: dict[str, Path] = {}
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen or name in NOT_RESULTS or module_file(name) is None:
+            continue
+        seen[name] = module_file(name)
+        todo += imported(name, roots)
+    return dict(sorted(seen.items()))
+
+
+def digest(modules: Iterable[str]) -> str:
+    """A short hash of the source of every module in the closure of `modules`."""
+    h = hashlib.sha256()
+    for name, path in closure(modules).items():
+        h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def describe(modules: Iterable[str]) -> dict:
+    """What a fingerprint file records: the digest and each file of the closure with its hash."""
+    files = closure(modules)
+    return {"digest": digest(modules),
+            "files": {_shown(path): hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in files.values()}}
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:  # a plugin outside the project
+        return str(path)

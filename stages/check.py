@@ -1,0 +1,62 @@
+"""Stage `check`, the first of the pipeline, run by every `dvc repro` (always changed): what
+must hold before DVC deletes any stage's outputs, and what DVC cannot see by itself.
+
+- params: read and validated whole when the command starts (every section, every merge entry
+  against its method's signature), so a mistake stops `dvc repro` here, before any output is
+  deleted;
+- sources: a real source must be complete locally (stage `data` deletes the old data before it
+  runs, so an offline `dvc repro` after `repsurgery preset paper-...` stops here with the
+  world's data intact) -> results/sources.json;
+- code: each merge entry's fingerprint, the digest of the code it runs (its method's module,
+  a plugin's included, and what that imports) -> results/fingerprints/KEY.json, which stage
+  `merge@KEY` depends on: editing one method re-runs only its entries, and DVC sees a plugin;
+- plots: results/dvc.yaml, what `dvc plots show` draws, for the params' merge entries.
+Files are rewritten only when their content changes, so the stages after them run only then."""
+from __future__ import annotations
+
+import json
+
+from pipeline import provenance, workspace
+from pipeline.config import Params
+from pipeline.merging import registry
+from stages.plots import PLOTS_FILE, section, write_plots
+
+
+def check(params: Params) -> None:
+    if params.is_world:
+        record = {"source": "world"}
+    else:
+        from pipeline.data import sources
+
+        record = sources.check(params.source, params.tasks)
+    _write(workspace.SOURCES, record)
+    print("the miniature world, built offline" if params.is_world else
+          f"{len(record)} sources available locally; recorded in {workspace.SOURCES}")
+    changed = []
+    for key in params.methods:
+        method = registry.get(params.merge_entry(key).method)
+        code = {"key": key, "method": method.name, "module": method.module,
+                **provenance.describe(MERGE_STAGE + (method.module,))}
+        if _write(workspace.merge_fingerprint(key), code):
+            changed.append(key)
+    for path in sorted(workspace.FINGERPRINTS.glob("*.json")):
+        if path.stem not in params.merge:
+            path.unlink()
+    if not PLOTS_FILE.exists() or PLOTS_FILE.read_text() != section(params):  # a new entry gets its plots
+        write_plots(params)
+    print(f"params valid; the code of {len(params.methods)} merge entries fingerprinted in {workspace.FINGERPRINTS}/ "
+          f"({len(changed)} changed)")
+
+
+MERGE_STAGE = ("stages.merge",)  # what runs every merge entry, besides its method's module
+
+
+def _write(path, record: dict) -> bool:
+    """Write `record` as JSON unless the file holds it already; whether it was written."""
+    try:
+        if json.loads(path.read_text()) == record:
+            return False
+    except (OSError, ValueError):
+        pass
+    workspace.write_json(path, record)
+    return True
