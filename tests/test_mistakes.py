@@ -56,14 +56,13 @@ def test_params_are_read_by_the_yaml_rules_dvc_reads_them_by(tmp_path):
     """YAML 1.2, as DVC: `5e-1` is a number (PyYAML's YAML 1.1 reads a string)."""
     from tests.conftest import TINY
 
-    text = yaml.safe_dump(TINY, sort_keys=False).replace("lr: 0.001", "lr: 5e-1", 1)
-    assert "lr: 5e-1" in text
-    (tmp_path / "params.yaml").write_text(text)
-    assert config.load(tmp_path / "params.yaml").pretrain.lr == 0.5
+    text = yaml.safe_dump({**TINY, "surgery": {**TINY["surgery"], "lr": "LR"}}, sort_keys=False)
+    (tmp_path / "params.yaml").write_text(text.replace("lr: LR", "lr: 5e-1"))
+    assert config.load(tmp_path / "params.yaml").surgery.lr == 0.5
 
 
 BROKEN = {
-    "syntax": ("x = (1,\n", "SyntaxError"),
+    "syntax": ("x = 1\ny = = 2\n", "SyntaxError: invalid syntax"),
     "import": ("import numpy\nimport no_such_package_here\n", "ModuleNotFoundError: No module named "
                                                                  "'no_such_package_here'"),
 }
