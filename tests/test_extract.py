@@ -56,7 +56,7 @@ def test_two_dask_workers_write_the_single_process_stores_byte_for_byte(world, t
     writer.write(0, reference.read(0, reference.chunk_rows))
     writer.close()
     done = cli(project, "extract", "--workers", "2", check=True)
-    assert f"{N_STORES} feature stores ready" in done.stdout
+    assert f"{N_STORES} feature stores of" in done.stdout
     want, got = stores(world), stores(project)
     assert list(got) == list(want)
     for name, path in want.items():
@@ -70,7 +70,7 @@ def test_changing_one_merge_recomputes_only_that_methods_stores(world, tmp_path)
     before = {name: json.loads((p / "zarr.json").read_text())["attributes"] for name, p in stores(project).items()}
     done = run([str(BIN / "dvc"), "exp", "run", "-S", "merge.ties_merging.k=50"], project)
     ran = {line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"merge@ties_merging", "extract", "surgery", "evaluate", "analyses"}, done.stdout
+    assert ran == {"check", "merge@ties_merging", "extract", "surgery", "evaluate", "analyses"}, done.stdout
     assert (f"extract: {len(TASKS)} feature stores to compute (merged/ties_merging), "
             f"{N_STORES - len(TASKS)} up to date") in done.stdout
     assert "surgery weight_averaging: up to date" in done.stdout  # only the changed entry's adapters retrain

@@ -229,7 +229,7 @@ def test_the_task_arithmetic_release_preset_reads_its_folder_layout_offline(proj
     params["source"] = {**real_like["source"], "family": preset["source"]["family"],
                         "finetuned": {t: preset["source"]["finetuned"][t] for t in tasks}}
     (copy / "params.yaml").write_text(yaml.safe_dump(params))
-    cli(copy, "check-sources", check=True)
+    cli(copy, "check", check=True)
     cli(copy, "prepare-finetuned", check=True)
     for task, (seed, _) in tasks.items():
         path = copy / "models" / "finetuned" / f"{task}.safetensors"
