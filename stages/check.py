@@ -21,6 +21,8 @@ from pipeline.config import Params
 from pipeline.merging import registry
 from stages.plots import PLOTS_FILE, section, write_plots
 
+MERGE_STAGE = ("stages.merge",)  # what runs every merge entry, besides its method's module
+
 
 def check(params: Params) -> None:
     if params.is_world:
@@ -32,23 +34,19 @@ def check(params: Params) -> None:
     _write(workspace.SOURCES, record)
     print("the miniature world, built offline" if params.is_world else
           f"{len(record)} sources available locally; recorded in {workspace.SOURCES}")
-    changed = []
+    changed = 0
     for key in params.methods:
         method = registry.get(params.merge_entry(key).method)
         code = {"key": key, "method": method.name, "module": method.module,
                 **provenance.describe(MERGE_STAGE + (method.module,))}
-        if _write(workspace.merge_fingerprint(key), code):
-            changed.append(key)
+        changed += _write(workspace.merge_fingerprint(key), code)
     for path in sorted(workspace.FINGERPRINTS.glob("*.json")):
         if path.stem not in params.merge:
             path.unlink()
     if not PLOTS_FILE.exists() or PLOTS_FILE.read_text() != section(params):  # a new entry gets its plots
         write_plots(params)
     print(f"params valid; the code of {len(params.methods)} merge entries fingerprinted in {workspace.FINGERPRINTS}/ "
-          f"({len(changed)} changed)")
-
-
-MERGE_STAGE = ("stages.merge",)  # what runs every merge entry, besides its method's module
+          f"({changed} changed)")
 
 
 def _write(path, record: dict) -> bool:
