@@ -16,9 +16,8 @@ from pipeline.config import Params
 
 PLOTS_FILE = workspace.RESULTS / "dvc.yaml"
 HEADER = "# Written by stage `check` (or `repsurgery plots`) from params; read by `dvc plots show`. Do not edit.\n"
-SWEEPS = [  # (title, template, x, analysis)
+SWEEPS = [  # (title, template, x, analysis): one line per entry over a numeric x
     ("Rank sweep, Table 8 / Fig. 6 (avg accuracy with surgery)", "linear", "rank", "rank"),
-    ("Loss functions, Table 9 (avg accuracy with surgery)", "bar_horizontal", "loss", "loss"),
     ("Available data ratio, Table 4 (avg accuracy with surgery)", "linear", "percent", "data-ratio"),
     ("Online surgery, Table 5 (avg accuracy)", "linear", "percent", "online"),
     ("Accuracy vs. surgery steps, Fig. 7 / 9", "linear", "step", "curve"),
@@ -37,10 +36,13 @@ def section(params: Params) -> str:
         lines += [f"  - {title}:", f"      template: {template}", f"      x: {x}",
                   f"      y_label: {Y_TITLE}", f"      x_label: {x}", "      y:",
                   f"        {(workspace.analysis(name) / 'plot.csv').relative_to(workspace.RESULTS)}: [{keys}]"]
-    bias = ", ".join(f"{k}, {k}+surgery" for k in methods("bias"))
-    lines += ["  - Representation bias per task, Fig. 2 / 5:", "      template: bar_horizontal", "      x: task",
-              "      x_label: task", "      y_label: representation bias (Eq. 1)", "      y:",
-              f"        {(workspace.analysis('bias') / 'plot.csv').relative_to(workspace.RESULTS)}: [{bias}]"]
+    # horizontal bars take one numeric field (x) against a category (y): one plot per entry; the
+    # bias (two bars per task and entry) is its figure only
+    loss = (workspace.analysis("loss") / "plot.csv").relative_to(workspace.RESULTS)
+    for key in methods("loss"):
+        lines += [f"  - Loss functions, Table 9 ({key}, avg accuracy with surgery):", "      template: bar_horizontal",
+                  f"      x_label: {Y_TITLE}", "      y_label: loss", f"      x: {{{loss}: {key}}}",
+                  f"      y: {{{loss}: loss}}"]
     lines += [f"  - {(workspace.analysis(name) / 'figure.png').relative_to(workspace.RESULTS)}" for name in FIGURES]
     lines += [f"  - {(workspace.analysis('tsne') / (key + '.png')).relative_to(workspace.RESULTS)}"
               for key in methods("tsne")]
