@@ -118,12 +118,15 @@ def published_note(family: str, arch: str | None) -> str:
     return f"{family} {info['arch']}: {info['source']}"
 
 
+FIGURES = (("acc", 1), ("surgery_acc", 1), ("bias", 3), ("surgery_bias", 3))  # summary_table's columns
+
+
 def summary_table(results: dict, labels: dict[str, str]) -> str:
     """The averages of every row, narrow enough for a terminal (per task: results/accuracy.md)."""
     rows = [("Encoder", "Avg", "+ surgery", "bias", "+ surgery")]
-    for key, figures in results.items():
-        cells = [figures.get(name, {}).get("avg") for name in ("acc", "surgery_acc", "bias", "surgery_bias")]
-        rows.append((tables.label(key, labels), *("" if v is None else f"{v:.{d}f}" for v, d in zip(cells, (1, 1, 3, 3)))))
+    for key, averages in metrics.summary(results).items():
+        cells = [(averages.get(name), digits) for name, digits in FIGURES]
+        rows.append((tables.label(key, labels), *("" if v is None else f"{v:.{d}f}" for v, d in cells)))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{r[0]:<{width}}  " + "  ".join(f"{c:>9}" for c in r[1:]) for r in rows)
 

@@ -13,7 +13,7 @@ import shutil
 
 import torch
 
-from cache.store import clear_leftovers
+from cache import clear_leftovers
 from pipeline import workspace
 from pipeline.config import Params
 from pipeline.data import datasets

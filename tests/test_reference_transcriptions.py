@@ -71,7 +71,7 @@ def test_the_bilevel_mask_step_is_fusionbench_s_concrete_adamerging_loop(layer_w
 
     coeffs = MergeCoefficients(pre, vectors, layer_wise=layer_wise, init=init, clamp=False)
     inner = InnerStep(coeffs, init=init, lr=1.0, gradient_at="previous")
-    logits, _ = learn_mask(encoder, vectors[0], inner.merged, heads, [iter(b) for b in batches],
+    logits, _ = learn_mask(encoder, vectors[0], coeffs.merged, heads, [iter(b) for b in batches],
                            temperature=temperature, steps=steps, lr=1e-3, init_logit=0.0,
                            generator=torch.Generator().manual_seed(5), device=torch.device("cpu"), inner=inner)
 
@@ -131,7 +131,8 @@ def test_the_continuous_final_mask_is_one_relaxed_bernoulli_sample_rescaled_per_
     quantiles = torch.linspace(0.1, 0.9, 9, dtype=torch.float64)
     for (key, logit), value in zip(logits.items(), values):
         torch.testing.assert_close(mask[key].double().mean(), torch.tensor(1.0, dtype=torch.float64))
-        reference = torch.distributions.RelaxedBernoulli(torch.tensor(0.5), logits=torch.tensor(value)).sample((200_000,))
+        relaxed = torch.distributions.RelaxedBernoulli(torch.tensor(0.5), logits=torch.tensor(value))
+        reference = relaxed.sample((200_000,))
         # the rescale is one factor per tensor: the shape of the distribution is RelaxedBernoulli's
         ours, theirs = mask[key].double(), reference.double()
         torch.testing.assert_close(torch.quantile(ours, quantiles) / ours.mean(),

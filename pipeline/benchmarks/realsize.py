@@ -66,7 +66,8 @@ def write_photos(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> Pa
     rng = np.random.default_rng(seed)
     for i in range(n):
         (folder / f"{i:06d}.jpg").write_bytes(photo(rng, size))
-    import_splits(root / "jpeg", [SPLIT], root / "data" / TASK, TASK, ["photo"], ["a photo of a {}."], origin="generated")
+    import_splits(root / "jpeg", [SPLIT], root / "data" / TASK, TASK, ["photo"], ["a photo of a {}."],
+                  origin="generated")
     return root / "data"
 
 

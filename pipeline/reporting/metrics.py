@@ -52,5 +52,6 @@ def summary(results: dict) -> dict:
     """metrics.json's averages only (entry -> figure -> its `avg`): one column per figure and
     entry, so `dvc exp show` and `dvc metrics diff` stay readable; per-task figures stay in
     metrics.json."""
-    return {key: {name: values["avg"] for name, values in figures.items() if isinstance(values, dict) and "avg" in values}
+    return {key: {name: values["avg"] for name, values in figures.items()
+                  if isinstance(values, dict) and "avg" in values}
             for key, figures in results.items()}

@@ -8,7 +8,8 @@ Tasks whose images are small share one graph (`task_groups`): the same gradient,
 forward instead of T where each would cost more in per-call overhead than in memory.
 
 `split` (default test, as the paper: unlabeled test images, transductive) is the split the
-coefficients are learned on; `coefficients: FILE` skips the learning and takes the coefficients the authors published
+coefficients are learned on; `coefficients: FILE` skips the learning and takes the coefficients
+the authors published
 (`pipeline/merging/coefficient_tables.py`): "paper coefficients + surgery" without relearning.
 """
 from __future__ import annotations

@@ -15,8 +15,9 @@ the same trim / sign election Ties-Merging runs; with the coefficients left at `
 theta equals Ties-Merging with `merge: sum` and `scaling: init`.
 
 Defaults: layer_wise true, k 20, init 0.3, lr 1e-3, steps 500, batch_size 16,
-batches_per_task 2, seed 0, split test (the paper's unlabeled test images), trim_over image_encoder (`state_dict`: k% of what the
-reference code flattens, as Ties-Merging's `trim_over`). `coefficients: FILE` takes the authors'
+batches_per_task 2, seed 0, split test (the paper's unlabeled test images), trim_over
+image_encoder (`state_dict`: k% of what the reference code flattens, as Ties-Merging's
+`trim_over`). `coefficients: FILE` takes the authors'
 published table instead of learning (as `adamerging`); their tables were learned over the
 reference trim, so pair it with `trim_over: state_dict`.
 """

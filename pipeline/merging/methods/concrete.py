@@ -121,9 +121,6 @@ class InnerStep:
         lambdas.requires_grad_(False)  # the mask step does not move them
         return loss
 
-    def merged(self, mask: StateDict) -> StateDict:
-        return self.coeffs.merged(mask)
-
 
 def learn_mask(encoder: torch.nn.Module, shapes: StateDict, merged: Callable[[StateDict], StateDict],
                heads: list[torch.Tensor], streams: list[Iterator[torch.Tensor]], *, temperature: float, steps: int,
@@ -177,32 +174,33 @@ def final(mask_logits: StateDict, kind: FinalMask, temperature: float,
 
 
 def _mask_phase(inputs: MergeInputs, merged: Callable[[StateDict], StateDict], *, temperature, lr, steps,
-                batch_size, init_logit, seed, split, final_mask, inner: InnerStep | None = None) -> tuple[StateDict, dict]:
+                batch_size, init_logit, seed, split, final_mask,
+                inner: InnerStep | None = None) -> tuple[StateDict, dict]:
     streams = [inputs.stream(t, batch_size, seed + 1000 * t, split) for t in range(len(inputs.tasks))]
     generator = torch.Generator(device=inputs.device).manual_seed(seed)
-    shapes = {k: v for k, v in inputs.vectors[0].items()}
     mask_logits, curve = learn_mask(
-        inputs.encoder, shapes, merged, inputs.heads, streams, temperature=temperature, steps=steps, lr=lr,
+        inputs.encoder, inputs.vectors[0], merged, inputs.heads, streams, temperature=temperature, steps=steps, lr=lr,
         init_logit=init_logit, generator=generator, device=inputs.device, inner=inner,
         progress=lambda it: inputs.progress(it, desc=f"{inputs.method} mask", unit="step"))
     mask, mask_info = final(mask_logits, final_mask, temperature, generator)
     return mask, {"mask": mask_info, "mask_loss_first": curve[0], "mask_loss_last": curve[-1]}
 
 
-def _on(device: torch.device, state: StateDict) -> StateDict:
-    return {k: v.to(device) for k, v in state.items()}
+def at_scaling(inputs: MergeInputs, scaling: float) -> Callable[[StateDict], StateDict]:
+    """mask -> the merged weights with every coefficient at `scaling` (on the merge device)."""
+    pretrained = {k: v.to(inputs.device) for k, v in inputs.pretrained.items()}
+    summed = {k: v.to(inputs.device) for k, v in sum_vectors(inputs.vectors).items()}
+    return lambda mask: masked_task_arithmetic(pretrained, summed, mask, scaling)
 
 
 @merge_method("concrete_task_arithmetic", label="Concrete TA", needs=("heads", "images", "device"))
 def concrete_task_arithmetic(inputs: MergeInputs, *, scaling: Rate = 0.3, temperature: Rate = 0.5, lr: Rate = 1e-3,
                              steps: Positive = 2000, batch_size: Positive = 16, init_logit: float = 0.0, seed: int = 0,
                              final_mask: FinalMask = "continuous", split: Split = "test") -> Merged:
-    summed = sum_vectors(inputs.vectors)
-    pretrained, on_device = _on(inputs.device, inputs.pretrained), _on(inputs.device, summed)
-    mask, info = _mask_phase(inputs, lambda m: masked_task_arithmetic(pretrained, on_device, m, scaling),
-                             temperature=temperature, lr=lr, steps=steps, batch_size=batch_size,
-                             init_logit=init_logit, seed=seed, split=split, final_mask=final_mask)
-    return Merged(masked_task_arithmetic(inputs.pretrained, summed, mask, scaling), info)
+    mask, info = _mask_phase(inputs, at_scaling(inputs, scaling), temperature=temperature, lr=lr, steps=steps,
+                             batch_size=batch_size, init_logit=init_logit, seed=seed, split=split,
+                             final_mask=final_mask)
+    return Merged(masked_task_arithmetic(inputs.pretrained, sum_vectors(inputs.vectors), mask, scaling), info)
 
 
 @merge_method("concrete_adamerging", needs=("heads", "images", "device"),
@@ -218,11 +216,7 @@ def concrete_adamerging(inputs: MergeInputs, *, layer_wise: bool = True, scaling
         coeffs = MergeCoefficients(inputs.pretrained, inputs.vectors, layer_wise=layer_wise, init=scaling,
                                    clamp=clamp).to(inputs.device)
         inner = InnerStep(coeffs, init=scaling, lr=inner_lr, gradient_at=inner_gradient_at)
-        merged = inner.merged
-    else:
-        pretrained = _on(inputs.device, inputs.pretrained)
-        summed = _on(inputs.device, sum_vectors(inputs.vectors))
-        merged = lambda m: masked_task_arithmetic(pretrained, summed, m, scaling)  # noqa: E731
+    merged = inner.coeffs.merged if inner else at_scaling(inputs, scaling)
     mask, info = _mask_phase(inputs, merged, temperature=temperature, lr=mask_lr, steps=mask_steps,
                              batch_size=batch_size, init_logit=init_logit, seed=seed, split=split,
                              final_mask=final_mask, inner=inner)

@@ -103,7 +103,8 @@ def expected_fisher(encoder: torch.nn.Module, state: StateDict, head: torch.Tens
 Estimator = Literal["sampled", "expected"]
 
 
-def fisher_weighted_mean(pretrained: StateDict, finetuned: Iterable[StateDict], weights: Iterable[StateDict]) -> StateDict:
+def fisher_weighted_mean(pretrained: StateDict, finetuned: Iterable[StateDict],
+                         weights: Iterable[StateDict]) -> StateDict:
     """sum_t w_t theta_t / sum_t w_t per entry of every floating-point tensor (w_t: c_t (F_t + floor));
     other tensors from `pretrained`. Consumes the iterables one task at a time."""
     num = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in pretrained.items() if v.is_floating_point()}
