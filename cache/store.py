@@ -434,24 +434,27 @@ def _as_dask(x, like: da.Array | None = None) -> da.Array:
 
 
 def mean_abs_diff(a, b) -> float:
-    """mean(|a - b|) over all elements, streamed chunk by chunk, accumulated in float64.
-
-    In-memory inputs are chunked like the other (stored) operand so blocks line up without rechunking.
+    """mean(|a - b|) over all elements, accumulated in float64; streamed chunk by chunk when an
+    operand is a store or a dask array. In-memory inputs are chunked like the other (stored) operand so blocks line up without rechunking.
     """
     return mean_abs_diffs([(a, b)])[0]
 
 
 def mean_abs_diffs(pairs: list[tuple]) -> list[float]:
-    """`mean_abs_diff` of every pair, in one dask computation: one scheduler pass for them all
-    instead of one per pair, which costs more than the arithmetic on small stores."""
+    """`mean_abs_diff` of every pair. Pairs held in memory are reduced there (a dask graph
+    costs more than their arithmetic); pairs with a store or dask operand stream chunk by chunk,
+    all in one dask computation: one scheduler pass for them all instead of one per pair."""
     means, lazy = [], []
     for a, b in pairs:
         held = [x for x in (a, b) if isinstance(x, (FeatureStore, da.Array))]
-        like = _as_dask(held[0]) if held else None
-        a, b = _as_dask(a, like), _as_dask(b, like)
+        if held:
+            like = _as_dask(held[0])
+            a, b = _as_dask(a, like), _as_dask(b, like)
+            lazy += held
+        else:
+            a, b = np.asarray(a), np.asarray(b)
         if a.shape != b.shape:
             raise ValueError(f"cannot compare features of shape {a.shape} and {b.shape}")
         means.append(abs(a.astype(np.float64) - b.astype(np.float64)).mean())
-        lazy += held
     with decoding(*lazy):
         return [float(m) for m in dask.compute(*means)]

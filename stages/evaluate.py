@@ -25,27 +25,27 @@ def evaluate(params: Params) -> dict:
     names = params.tasks
     heads = load_heads(workspace.HEADS, names)
     labels = {t: read_labels(t) for t in names}
-    individual = {t: open_features("individual", t) for t in names}
 
     def acc(z: torch.Tensor, task: str) -> float:
         return metrics.accuracy(z, heads[task], labels[task])
 
-    def features(store) -> torch.Tensor:
-        return torch.from_numpy(store.to_numpy())
+    def features(encoder: str, task: str) -> torch.Tensor:  # a test split's features fit in memory
+        return torch.from_numpy(open_features(encoder, task).to_numpy())
 
+    individual = {t: features("individual", t) for t in names}
     baselines = ["pretrained", "individual"] + (["mtl"] if params.is_world else [])  # Traditional MTL: world only
-    results = {b: {"acc": _with_avg({t: acc(features(open_features(b, t)), t) for t in names})} for b in baselines}
+    results = {b: {"acc": _with_avg({t: acc(individual[t] if b == "individual" else features(b, t), t)
+                                     for t in names})} for b in baselines}
     for key in progress(params.methods, desc="evaluate", unit="method"):
         surgery = load_surgery(key, names)
         out = {"acc": {}, "surgery_acc": {}}
         pairs = []  # (merged, individual) features for Eq. 1: without surgery, then with it, per task
         for i, task in enumerate(names):
-            store = open_features(workspace.merged_encoder(key), task)
-            z = features(store)
-            out["acc"][task] = acc(z, task)
+            z = features(workspace.merged_encoder(key), task)
             with torch.no_grad():
-                out["surgery_acc"][task] = acc(surgery(z, i), task)
-            pairs += [(store, individual[task]), (metrics.adapted(store, surgery, i), individual[task])]
+                adapted = surgery(z, i)
+            out["acc"][task], out["surgery_acc"][task] = acc(z, task), acc(adapted, task)
+            pairs += [(z, individual[task]), (adapted, individual[task])]
         bias = metrics.biases(pairs)
         out["bias"], out["surgery_bias"] = dict(zip(names, bias[0::2])), dict(zip(names, bias[1::2]))
         results[key] = {k: _with_avg(v) for k, v in out.items()}

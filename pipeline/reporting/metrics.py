@@ -34,18 +34,8 @@ def near_chance(accuracy: dict[str, float], classes: dict[str, int]) -> dict[str
 
 def biases(pairs: list[tuple]) -> list[float]:
     """Eq. 1 for each (merged, individual) pair: (1 / (k N)) * ||Z_merged - Z_individual||_1,
-    streamed over the stores' chunks, all pairs in one pass."""
+    in float64 (streamed over the stores' chunks for pairs of stores, all in one pass)."""
     return mean_abs_diffs(pairs)
-
-
-def adapted(store, surgery, task: int):
-    """The store's features after a task's surgery, as a lazily mapped dask array."""
-
-    def block(z: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return surgery(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)), task).numpy()
-
-    return store.to_dask().astype(np.float32).map_blocks(block, dtype=np.float32)
 
 
 def summary(results: dict) -> dict:

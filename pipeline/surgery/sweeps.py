@@ -14,7 +14,7 @@ import torch
 
 from pipeline.reporting import metrics
 from pipeline.errors import PipelineError
-from pipeline.surgery.training import Surgery, loss_fn, train_groups
+from pipeline.surgery.training import Surgery, adam, loss_fn, train_groups
 
 
 @dataclass
@@ -126,7 +126,7 @@ def online(datas: list[TaskSet], *, rank: int, lr: float, loss: str, seed: int, 
         groups.setdefault(len(z), []).extend((m, t) for m in range(len(datas)))
     for n, lanes in groups.items():
         adapt = init.select([t for _, t in lanes])
-        optimiser = torch.optim.Adam(adapt.parameters(), lr=lr, betas=(0.9, 0.999))
+        optimiser = adam(adapt.parameters(), lr)
         z = torch.stack([datas[m].merged[t] for m, t in lanes]).float()       # (L, n, d)
         target = torch.stack([datas[m].individual[t] for m, t in lanes]).float()
         order = torch.stack([orders[t] for _, t in lanes], 1)                  # (n, L)
