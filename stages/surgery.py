@@ -14,13 +14,16 @@ from pipeline.surgery.training import train_groups
 from stages.common import progress
 
 
-def inputs_of(key: str, params: Params) -> str:
-    """What this entry's adapters depend on: both encoders' stores, the tasks, the settings and
+def inputs_of(keys: list[str], params: Params) -> dict[str, str]:
+    """What each entry's adapters depend on: both encoders' stores, the tasks, the settings and
     the code that trains them."""
-    stores = {f"{enc}/{t}": open_features(enc, t).attrs["sha256"]
-              for enc in (workspace.merged_encoder(key), "individual") for t in params.tasks}
-    return inputs_digest(tasks=params.tasks, surgery=params.surgery.model_dump(), stores=stores,
-                         code=provenance.digest([__name__]))
+    def stores(encoder: str) -> dict[str, str]:
+        return {f"{encoder}/{t}": open_features(encoder, t).attrs["sha256"] for t in params.tasks}
+
+    shared = {"tasks": params.tasks, "surgery": params.surgery.model_dump(), "code": provenance.digest([__name__])}
+    individual = stores("individual")
+    return {key: inputs_digest(**shared, stores={**stores(workspace.merged_encoder(key)), **individual})
+            for key in keys}
 
 
 def run_surgery(params: Params, device: torch.device, keys: list[str] | None = None) -> None:
@@ -33,8 +36,7 @@ def run_surgery(params: Params, device: torch.device, keys: list[str] | None = N
     params.check_rows({t: open_features("individual", t).n_rows for t in params.tasks}, "surgery.batch_size",
                       cfg.batch_size)
     stale = []
-    for key in keys:
-        digest = inputs_of(key, params)
+    for key, digest in inputs_of(keys, params).items():
         if trained_inputs(key) == digest:
             print(f"surgery {key}: up to date ({workspace.surgery_checkpoint(key)})")
         else:
