@@ -15,14 +15,17 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dask
-import dask.array as da
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
 from cache.files import storage_errors
+
+if TYPE_CHECKING:  # dask.array is imported where it is used: 0.4 s that most commands never need
+    import dask.array as da
 
 CODE_VERSION = "1"
 DTYPES = ("float32", "float16")
@@ -327,6 +330,8 @@ class FeatureStore:
         return self.read()
 
     def to_dask(self) -> da.Array:
+        import dask.array as da
+
         return da.from_zarr(self.array)
 
 
@@ -425,9 +430,11 @@ def open_store(path, *, expect: dict | None = None, fix_hint: str = "", deep: bo
 
 
 def _as_dask(x, like: da.Array | None = None) -> da.Array:
+    import dask.array as da
+
     if isinstance(x, FeatureStore):
         return x.to_dask()
-    if isinstance(x, da.Array):
+    if dask.is_dask_collection(x):
         return x
     x = np.asarray(x)
     return da.from_array(x, chunks=like.chunks if like is not None and like.shape == x.shape else "auto")
@@ -446,7 +453,7 @@ def mean_abs_diffs(pairs: list[tuple]) -> list[float]:
     all in one dask computation: one scheduler pass for them all instead of one per pair."""
     means, lazy = [], []
     for a, b in pairs:
-        held = [x for x in (a, b) if isinstance(x, (FeatureStore, da.Array))]
+        held = [x for x in (a, b) if isinstance(x, FeatureStore) or dask.is_dask_collection(x)]
         if held:
             like = _as_dask(held[0])
             a, b = _as_dask(a, like), _as_dask(b, like)
