@@ -55,18 +55,22 @@ def imported(name: str, roots: tuple[str, ...]) -> set[str]:
     """The modules under `roots` (top-level package names) that module `name` imports, at module
     level or inside functions (a package's own __init__ counts where it is imported by name)."""
     path = module_file(name)
-    tree = ast.parse(path.read_text(), filename=str(path))
+    return set(_imported(name, path.read_text(), path.name == "__init__.py", roots))
+
+
+@cache  # by source text: an edited module is parsed again, an unchanged one once per process
+def _imported(name: str, source: str, is_package: bool, roots: tuple[str, ...]) -> frozenset[str]:
     out: set[str] = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(source, filename=str(module_file(name)))):
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = _resolve(node, name, path.name == "__init__.py")
+            base = _resolve(node, name, is_package)
             if base.split(".")[0] in roots:  # never look another package up: that would import it
                 names = [n if module_file(n) else base for n in (f"{base}.{a.name}" for a in node.names)]
         out |= {full for full in names if full.split(".")[0] in roots and module_file(full)}
-    return out
+    return frozenset(out)
 
 
 def closure(modules: Iterable[str]) -> dict[str, Path]:
@@ -87,17 +91,17 @@ def closure(modules: Iterable[str]) -> dict[str, Path]:
 
 def digest(modules: Iterable[str]) -> str:
     """A short hash of the source of every module in the closure of `modules`."""
-    h = hashlib.sha256()
-    for name, path in closure(modules).items():
-        h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest()[:16]
+    return describe(modules)["digest"]
 
 
 def describe(modules: Iterable[str]) -> dict:
     """What a fingerprint file records: the digest and each file of the closure with its hash."""
-    files = closure(modules)
-    return {"digest": digest(modules),
-            "files": {_shown(path): hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in files.values()}}
+    h, files = hashlib.sha256(), {}
+    for name, path in closure(modules).items():
+        file_hash = hashlib.sha256(path.read_bytes())
+        h.update(name.encode() + b"\0" + file_hash.digest())
+        files[_shown(path)] = file_hash.hexdigest()[:16]
+    return {"digest": h.hexdigest()[:16], "files": files}
 
 
 def _shown(path: Path) -> str:

@@ -29,7 +29,7 @@ LABELS = FEATURES / "labels"
 TSNE_CACHE = FEATURES / "tsne"  # t-SNE embeddings by input digest (analysis-tsne)
 RESULTS = Path("results")
 SOURCES = RESULTS / "sources.json"  # where the models and data came from (stage check)
-FINGERPRINTS = RESULTS / "fingerprints"  # the code each merge entry runs (stage check)
+FINGERPRINTS = RESULTS / "fingerprints"  # the code each merge entry and each stage runs (stage check)
 METRICS = RESULTS / "metrics.json"  # every figure, per task
 SUMMARY = RESULTS / "summary.json"  # the averages: what `dvc metrics` and `dvc exp show` show
 ACCURACY_TABLE = RESULTS / "accuracy.md"
@@ -57,6 +57,11 @@ def merged_checkpoint(key: str) -> Path:
 def merge_fingerprint(key: str) -> Path:
     """The digest of the code merge entry `key` runs: stage `merge@KEY` depends on it."""
     return FINGERPRINTS / f"{key}.json"
+
+
+def command_fingerprint(command: str) -> Path:
+    """The digest of the code `repsurgery COMMAND` runs: the stages that run it depend on it."""
+    return FINGERPRINTS / "commands" / f"{command}.json"
 
 
 def merged_info(key: str) -> Path:
