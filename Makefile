@@ -24,7 +24,7 @@ repro: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: $(VENV)/.installed-test
-	REPSURGERY_QUIET=1 $(BIN)/python -m pytest -q --durations=10
+	REPSURGERY_QUIET=1 $(BIN)/python -m pytest -q --durations=10 -n auto --dist loadfile
 
 # The DVC outputs that `make repro` rebuilds; results/ is committed and stays.
 clean:

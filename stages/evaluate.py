@@ -1,8 +1,11 @@
 """Stage `evaluate`: accuracy with and without surgery, and representation bias (Eq. 1), from
 cached features only -> results/metrics.json, its averages in results/summary.json, and
-results/accuracy.md (with the baselines: zero-shot, individual and, in the miniature world,
-Traditional MTL)."""
+results/accuracy.md: the paper's Table 1 layout (with the baselines: zero-shot, individual and,
+in the miniature world, Traditional MTL), then the field's columns (normalised accuracy, what
+each merge cost, the parameters surgery adds)."""
 from __future__ import annotations
+
+import json
 
 import torch
 import typer
@@ -48,7 +51,12 @@ def evaluate(params: Params) -> dict:
             pairs += [(z, individual[task]), (adapted, individual[task])]
         bias = metrics.biases(pairs)
         out["bias"], out["surgery_bias"] = dict(zip(names, bias[0::2])), dict(zip(names, bias[1::2]))
+        if all(results["individual"]["acc"][t] > 0 for t in names):  # the field's normalised accuracy
+            for figure in ("acc", "surgery_acc"):
+                out[f"normalized_{figure}"] = metrics.normalized(out[figure], results["individual"]["acc"])
         results[key] = {k: _with_avg(v) for k, v in out.items()}
+        results[key]["cost"] = {"merge": json.loads(workspace.merged_info(key).read_text()).get("cost"),
+                                "added_params": {"merge": 0, "surgery": metrics.parameters(surgery)}}
         split = getattr(params.merge_entry(key).params, "split", None)
         if split is not None:  # the images a data-using merge learned from: rows of one table may differ
             results[key]["split"] = split
@@ -60,7 +68,7 @@ def evaluate(params: Params) -> dict:
         note = f"\nPublished: {published_note(params.source.family, params.source.pretrained.arch)}\n"
     workspace.write_json(workspace.METRICS, results)
     workspace.write_json(workspace.SUMMARY, metrics.summary(results))
-    table = accuracy_table(results, names, params.labels()) + note
+    table = accuracy_table(results, names, params.labels()) + "\n" + field_table(results, params.labels()) + note
     write_text(workspace.ACCURACY_TABLE, table)
     print(summary_table(results, params.labels()) + note)
     print(f"metrics written to {workspace.METRICS} (per task), {workspace.SUMMARY} (averages) and "
@@ -129,6 +137,23 @@ def summary_table(results: dict, labels: dict[str, str]) -> str:
         rows.append((tables.label(key, labels), *("" if v is None else f"{v:.{d}f}" for v, d in cells)))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{r[0]:<{width}}  " + "  ".join(f"{c:>9}" for c in r[1:]) for r in rows)
+
+
+def field_table(results: dict, labels: dict[str, str]) -> str:
+    """Each entry's averages as the field reports them, absolute and normalised (% of the
+    individual encoders'), without and with surgery, beside what the merge cost (wall time and
+    peak memory of the method, models/merged/KEY.json) and the parameters surgery adds."""
+    lines = ["| method | Avg | normalized | + surgery | normalized | merge time (s) | merge peak (MiB) | "
+             "params added by surgery |", "|---" * 8 + "|"]
+    for key, r in results.items():
+        if "surgery_acc" not in r:
+            continue
+        cost = r["cost"]["merge"] or {}
+        cells = [r["acc"]["avg"], r.get("normalized_acc", {}).get("avg"), r["surgery_acc"]["avg"],
+                 r.get("surgery_normalized_acc", {}).get("avg"), cost.get("wall_s"), cost.get("peak_mib")]
+        lines.append(f"| {tables.label(key, labels)} | " + " | ".join("" if v is None else f"{v:.1f}" for v in cells)
+                     + f" | {r['cost']['added_params']['surgery']:,} |")
+    return "\n".join(lines) + "\n"
 
 
 def accuracy_table(results: dict, names: list[str], labels: dict[str, str]) -> str:

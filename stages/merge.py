@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import workspace
+from pipeline.benchmarks.measure import footprint
 from pipeline.config import Params
 from pipeline.data.checks import preflight
 from pipeline.errors import PipelineError
@@ -25,12 +26,13 @@ def merge(key: str, params: Params, device: torch.device) -> None:
         params.check_rows(dict(zip(params.tasks, map(len, inputs.datasets))), f"merge.{key}.batch_size",
                           entry.params.batch_size)
     try:
-        result = method.run(inputs, entry.params)  # checked before anything is written
+        with footprint(inputs.device) as cost:  # the method's own work: its inputs are loaded
+            result = method.run(inputs, entry.params)  # checked before anything is written
     except PipelineError as exc:
         raise PipelineError(f"merge entry {key!r}: {exc}") from exc
     fp = save_state(workspace.merged_checkpoint(key), result.state, method=entry.method, key=key)
     workspace.write_json(workspace.merged_info(key), {
         "key": key, "method": entry.method, "label": entry.label, "params": entry.params.model_dump(),
-        "tasks": params.tasks, "fingerprint": fp, **result.info})
-    print(f"{key} ({entry.label}), {len(params.tasks)} tasks -> {workspace.merged_checkpoint(key)}\n"
-          f"  fingerprint {fp}; details in {workspace.merged_info(key)}")
+        "tasks": params.tasks, "fingerprint": fp, "cost": {**cost, "device": str(inputs.device)}, **result.info})
+    print(f"{key} ({entry.label}), {len(params.tasks)} tasks, {cost['wall_s']:.1f} s -> "
+          f"{workspace.merged_checkpoint(key)}\n  fingerprint {fp}; details in {workspace.merged_info(key)}")

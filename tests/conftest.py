@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -23,7 +24,7 @@ TINY = {
     "pretrain": {"steps": 40, "batch_size": 64, "lr": 0.002, "weight_decay": 0.1, "named": {"default": 0.5}, "alias": {"default": 0.3},
                  "in_domain": {"default": 0.1}},
     "finetune": {"steps": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 0.1, "warmup": 2},
-    "merge": {  # every built-in method, in the paper's Table 1 order, at tiny schedules
+    "merge": {  # every built-in method, the paper's Table 1 order then the newer merges, at tiny schedules
         "weight_averaging": {},
         "fisher_merging": {"images": 24, "batch_size": 8, "seed": 0, "split": "train"},
         "regmean": {"images": 24, "batch_size": 8, "alpha": 0.95, "seed": 0, "split": "train"},
@@ -36,6 +37,8 @@ TINY = {
            for name in ("tw_adamerging", "lw_adamerging")},
         **{name: {"method": "adamerging_pp", "layer_wise": name == "lw_adamergingpp", "steps": 3, "batch_size": 8,
                   "batches_per_task": 1} for name in ("tw_adamergingpp", "lw_adamergingpp")},
+        "tsv_merging": {}, "iso_c": {}, "iso_cts": {}, "wudi_merging": {"iterations": 50},
+        "consensus_task_arithmetic": {},
         "mtl_checkpoint": {"method": "checkpoint", "label": "Traditional MTL (checkpoint)",
                            "path": "models/mtl/encoder.safetensors"}},
     "extract": {"batch_size": 32, "dtype": "float32", "autocast": "none"},
@@ -106,12 +109,19 @@ def make_project(path: Path, params: dict) -> Path:
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory) -> Path:
-    """The tiny world after a full `dvc repro` (every stage, real code path)."""
-    project = make_project(tmp_path_factory.mktemp("tiny") / "project", TINY)
-    run([str(BIN / "dvc"), "repro", "-q"], project)
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "repro"], project)
+def world(tmp_path_factory, worker_id) -> Path:
+    """The tiny world after a full `dvc repro` (every stage, real code path), built once per
+    test session: with pytest-xdist, by the first worker that needs it, in the folder the
+    session's workers share (the others wait for it). Tests only read it (`copy_project`)."""
+    shared = tmp_path_factory.mktemp("tiny") if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    project = shared / "project"
+    with FileLock(str(shared / "tiny-world.lock")):
+        if not (shared / "tiny-world.built").exists():
+            make_project(project, TINY)
+            run([str(BIN / "dvc"), "repro", "-q"], project)
+            run(["git", "add", "-A"], project)
+            run(["git", "commit", "-qm", "repro"], project)
+            (shared / "tiny-world.built").touch()
     return project
 
 

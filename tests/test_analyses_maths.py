@@ -1,4 +1,6 @@
 """The analyses' maths on synthetic features: subsets, online surgery, curves, sweeps, tables."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,8 @@ from pipeline.reporting import tables
 from pipeline.reporting import tsne
 from pipeline.errors import PipelineError
 from pipeline.surgery.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _taskset(n=(60, 40), d=12, classes=4, seed=0) -> sweeps.TaskSet:
@@ -187,14 +191,17 @@ def test_a_run_is_compared_with_its_checkpoint_familys_published_figures_and_far
     assert subset["published"]["acc"] == {"svhn": paper["task_arithmetic"]["svhn"], "mnist": paper["task_arithmetic"]["mnist"]}
 
 
-def test_published_rows_list_eight_tasks_and_their_printed_average():
+def test_published_rows_list_eight_tasks_or_none_and_their_printed_average():
+    from pipeline import config
     from pipeline.reporting import published
 
+    keys = {*config.load(ROOT / "params.yaml").merge, "pretrained", "individual", "mtl"}  # the entries' keys
     for family in published.families():
         for arch in ("ViT-B-32", "ViT-B-16", "ViT-L-14"):
             for key, row in published.rows(family, arch).items():
+                assert key.removesuffix(published.SURGERY) in keys, (family, key)
                 values = [v for t, v in row.items() if t != "avg"]
-                assert len(values) == 8
+                assert len(values) in (0, 8)  # some sources print only the average
                 # printed averages agree with their rows, but for two Traditional MTL rows the paper misprints
-                assert abs(sum(values) / 8 - row["avg"]) < (0.5 if key == "mtl" else 0.1), (family, arch, key)
+                assert not values or abs(sum(values) / 8 - row["avg"]) < (0.5 if key == "mtl" else 0.1), (family, key)
     assert published.rows("own", "ViT-B-32") == {}

@@ -104,7 +104,7 @@ def test_a_new_method_runs_only_its_own_branch_and_an_edit_reruns_only_the_entri
             TINY["analyses"][name]["methods"]
     metrics = json.loads((project / "results" / "metrics.json").read_text())
     for key in ("median", "entropy_scaled"):
-        assert set(metrics[key]) == {"acc", "surgery_acc", "bias", "surgery_bias"}
+        assert {"acc", "surgery_acc", "bias", "surgery_bias"} <= set(metrics[key])
         assert set(metrics[key]["surgery_acc"]) == {*TINY["tasks"], "avg"}
         rows = (project / "results" / "analyses" / "bias" / "table.csv").read_text()  # bias: every entry
         assert sum(line.startswith(f"{key},") for line in rows.splitlines()) == 2

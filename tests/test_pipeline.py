@@ -21,11 +21,20 @@ def test_repro_writes_metrics_for_every_method_and_task(world):
 
     metrics = json.loads((world / "results" / "metrics.json").read_text())
     assert list(metrics) == ["pretrained", "individual", "mtl", *METHODS]  # mtl: miniature world only
+    individual = metrics["individual"]["acc"]
     for method in METHODS:
-        figures = {k: v for k, v in metrics[method].items() if k != "split"}
-        assert set(figures) == {"acc", "surgery_acc", "bias", "surgery_bias"}
+        figures = {k: v for k, v in metrics[method].items() if k not in ("split", "cost")}
+        assert set(figures) == {"acc", "surgery_acc", "bias", "surgery_bias", "normalized_acc",
+                                "surgery_normalized_acc"}
         for table in figures.values():
             assert set(table) == {*TINY["tasks"], "avg"}
+        for figure in ("acc", "surgery_acc"):  # the field's normalised accuracy: % of the individual encoders'
+            assert figures[f"normalized_{figure}"][TINY["tasks"][0]] == pytest.approx(
+                100 * figures[figure][TINY["tasks"][0]] / individual[TINY["tasks"][0]], abs=1e-3)
+        cost = metrics[method]["cost"]  # what the merge took, what surgery adds (rank r: 2 d r per task)
+        assert cost["merge"]["wall_s"] >= 0 and cost["merge"]["peak_mib"] >= 0 and cost["added_params"]["merge"] == 0
+        assert cost["added_params"]["surgery"] == len(TINY["tasks"]) * 2 * TINY["model"]["embed_dim"] * \
+            TINY["surgery"]["rank"]
         # the images a data-using merge learned from: its `split` param (each paper's by default)
         assert metrics[method].get("split") == getattr(validate(TINY).merge_entry(method).params, "split", None)
     assert [metrics[k]["split"] for k in ("fisher_merging", "regmean", "concrete_adamerging", "lw_adamerging")] == \
@@ -33,7 +42,7 @@ def test_repro_writes_metrics_for_every_method_and_task(world):
     assert 0 <= metrics["individual"]["acc"]["avg"] <= 100
     summary = json.loads((world / "results" / "summary.json").read_text())  # what `dvc metrics` shows
     assert summary == {key: {name: values["avg"] for name, values in figures.items()
-                             if name not in ("near_chance", "split")} for key, figures in metrics.items()}
+                             if name in ("acc", "surgery_acc", "bias", "surgery_bias")} for key, figures in metrics.items()}
 
 
 def test_tasks_the_individual_or_zero_shot_encoders_get_at_chance_are_flagged_loudly(world, tmp_path):
@@ -61,10 +70,13 @@ def test_accuracy_table_lists_baselines_then_every_entry_then_every_entry_with_s
     from pipeline.config import validate
 
     labels = validate(TINY).labels()
-    rows = [line.split(" | ")[0].lstrip("| ") for line in
-            (world / "results" / "accuracy.md").read_text().splitlines()[2:]]
+    table_one, field = (world / "results" / "accuracy.md").read_text().split("\n\n")[:2]
+    rows = [line.split(" | ")[0].lstrip("| ") for line in table_one.splitlines()[2:]]
     assert rows == ["Pretrained (zero-shot)", "Individual", "Traditional MTL", *(labels[m] for m in METHODS),
                     *(f"{labels[m]} + surgery" for m in METHODS)]
+    # then the field's columns: normalised accuracy, merge cost, parameters surgery adds, per entry
+    assert [line.split(" | ")[0].lstrip("| ") for line in field.splitlines()[2:]] == [labels[m] for m in METHODS]
+    assert "normalized" in field.splitlines()[0] and "params added by surgery" in field.splitlines()[0]
 
 
 def test_every_method_records_what_it_learned_beside_its_checkpoint(world):

@@ -1,6 +1,8 @@
 """Measuring time and autograd memory fairly on CPU and CUDA (for `repsurgery bench`)."""
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterable
@@ -21,6 +23,31 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float
     out = fn()
     sync(device)
     return out, time.perf_counter() - clock
+
+
+def rss_bytes() -> int:
+    """The process's peak resident set so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+@contextmanager
+def footprint(device: torch.device):
+    """Wall time (`wall_s`) and peak memory (`peak_mib`) of the enclosed work, in the dict it
+    yields: on CUDA the growth of torch.cuda.max_memory_allocated over what was allocated
+    before; on CPU the growth of the process's peak resident set (what was loaded before, the
+    inputs, is the baseline; work that peaks below an earlier peak counts as 0)."""
+    out: dict[str, float] = {}
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    before, clock = rss_bytes(), time.perf_counter()
+    yield out
+    sync(device)
+    out["wall_s"] = round(time.perf_counter() - clock, 3)
+    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else rss_bytes() - before
+    out["peak_mib"] = round(peak / 2**20, 1)
 
 
 class SavedTensorMeter:

@@ -11,23 +11,15 @@ the time per step is reported beside the wall time. Merged weights are computed,
 from __future__ import annotations
 
 import multiprocessing
-import resource
-import sys
-import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from pathlib import Path
-
 from pipeline import config, workspace
+from pipeline.benchmarks.measure import footprint
 from pipeline.merging import registry
 from pipeline.merging.inputs import load_inputs
-
-
-def _rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
 def _measure(key: str, params_file: Path, n: int, device: str, steps: int, threads: int) -> dict:
@@ -45,20 +37,11 @@ def _measure(key: str, params_file: Path, n: int, device: str, steps: int, threa
     if "images" in method.needs:  # the datasets it reads, opened before the baseline reading
         for t in range(len(tasks)):
             inputs.dataset(t, values.get("split", "test"))
-    before = _rss_bytes()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    clock = time.perf_counter()
-    method.run(inputs, method.params.model_validate(values))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall = time.perf_counter() - clock
-    peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else _rss_bytes() - before
+    with footprint(device) as cost:
+        method.run(inputs, method.params.model_validate(values))
     scheduled = {name: values[name] for name in registry.SCHEDULES if name in values}
-    return {"key": key, "method": entry.method, "tasks": len(tasks), "wall_s": round(wall, 3),
-            "peak_mib": round(peak / 2**20, 1), "schedule": scheduled,
-            "s_per_step": round(wall / sum(scheduled.values()), 4) if scheduled else None}
+    return {"key": key, "method": entry.method, "tasks": len(tasks), **cost, "schedule": scheduled,
+            "s_per_step": round(cost["wall_s"] / sum(scheduled.values()), 4) if scheduled else None}
 
 
 def _child(queue, *args) -> None:

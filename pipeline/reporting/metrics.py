@@ -38,10 +38,23 @@ def biases(pairs: list[tuple]) -> list[float]:
     return mean_abs_diffs(pairs)
 
 
+def normalized(accuracy: dict[str, float], individual: dict[str, float]) -> dict[str, float]:
+    """Accuracy as a share (%) of each task's individual (fine-tuned) encoder's, as the field
+    reports it beside the absolute figure; its average is the mean of these shares."""
+    return {t: 100.0 * accuracy[t] / individual[t] for t in accuracy}
+
+
+def parameters(module: torch.nn.Module) -> int:
+    """What a module adds to the merged encoder, in parameters (surgery: its adapters)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+SUMMARY = ("acc", "surgery_acc", "bias", "surgery_bias")  # summary.json's figures: `dvc exp show` stays narrow
+
+
 def summary(results: dict) -> dict:
     """metrics.json's averages only (entry -> figure -> its `avg`): one column per figure and
     entry, so `dvc exp show` and `dvc metrics diff` stay readable; per-task figures stay in
     metrics.json."""
-    return {key: {name: values["avg"] for name, values in figures.items()
-                  if isinstance(values, dict) and "avg" in values}
+    return {key: {name: values["avg"] for name, values in figures.items() if name in SUMMARY and "avg" in values}
             for key, figures in results.items()}

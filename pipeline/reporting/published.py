@@ -34,10 +34,12 @@ def arch_key(arch: str | None) -> str | None:
 
 
 def rows(family: str, arch: str | None) -> dict[str, dict[str, float]]:
-    """key (`+surgery` suffixed for surgery rows) -> {task: %, ..., "avg": %}; {} where nothing is published."""
+    """key (`+surgery` suffixed for surgery rows) -> {task: %, ..., "avg": %}, the figures the source
+    prints (some print only the average); {} where nothing is published."""
     table = _table()
     published = table["families"].get(family, {}).get(arch_key(arch) or "", {})
-    return {key: dict(zip([*table["tasks"], "avg"], values)) for key, values in published.items()}
+    return {key: {name: v for name, v in zip([*table["tasks"], "avg"], values) if v is not None}
+            for key, values in published.items()}
 
 
 def merge_params(family: str) -> dict[str, dict]:
@@ -53,9 +55,10 @@ def describe(family: str, arch: str | None) -> dict:
 
 
 def comparable(row: dict[str, float], figure: dict[str, float]) -> dict[str, float]:
-    """The published figures for the run's tasks; the average only where the run has all of them."""
+    """The published figures for the run's tasks; the average only where the run has all of the
+    family's tasks."""
     out = {t: v for t, v in row.items() if t in figure and t != "avg"}
-    if set(figure) - {"avg"} == set(row) - {"avg"}:
+    if set(figure) - {"avg"} == set(_table()["tasks"]) and "avg" in row:
         out["avg"] = row["avg"]
     return out
 

@@ -1,0 +1,56 @@
+"""WUDI merging (Cheng et al., ICML 2025, "Whoever Started the Interference Should End It:
+Guiding Data-Free Model Merging via Task Vectors"), as the authors' code (vit/wudi_main.py) runs
+it. A linear layer's task vector spans the inputs its task feeds it, so the interference the
+merged update tau_m causes on task i is measured through tau_i itself: per layer, tau_m
+minimises sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2, from the sum of the task
+vectors, by Adam (lr 1e-5, 300 iterations), without data; theta_0 + tau_m, unscaled.
+
+`matrices: linear` (the authors'): the attention in/out projections and the MLP's c_fc /
+c_proj (in_proj as one stacked matrix), every other tensor left pretrained. `matrices: all`
+(FusionBench's): every layer matrix of pipeline/merging/subspaces.py, the rest the mean of
+the task vectors. One layer in memory at a time, on the GPU where there is one."""
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+
+from pipeline.merging.inputs import MergeInputs
+from pipeline.merging.registry import merge_method
+from pipeline.merging.subspaces import is_layer_matrix, stacked
+from pipeline.merging.task_vectors import StateDict, apply
+
+LINEAR = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def interference(merged: torch.Tensor, stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i weights_i ||(merged - tau_i) tau_i^T||_F^2 over the (T, m, n) task matrices."""
+    product = (merged.unsqueeze(0) - stack) @ stack.transpose(1, 2)
+    return (product.square() * weights[:, None, None]).sum()
+
+
+def wudi_matrix(stack: torch.Tensor, iterations: int, lr: float) -> torch.Tensor:
+    """(T, m, n) task matrices -> the merged one. A task whose matrix is zero weighs nothing
+    (the reference would divide by its zero norm)."""
+    norms = stack.flatten(1).norm(dim=1).square()
+    weights = torch.where(norms > 0, 1 / norms, torch.zeros_like(norms))
+    merged = torch.nn.Parameter(stack.sum(0))
+    optimiser = torch.optim.Adam([merged], lr=lr, weight_decay=0)
+    for _ in range(iterations):
+        loss = interference(merged, stack, weights)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return merged.detach()
+
+
+@merge_method("wudi_merging", label="WUDI", needs=("device",))
+def wudi_merging(inputs: MergeInputs, *, iterations: Annotated[int, Field(ge=0)] = 300,
+                 lr: Annotated[float, Field(gt=0)] = 1e-5, matrices: Literal["linear", "all"] = "linear") -> StateDict:
+    vectors, merged = inputs.vectors, {}
+    for key in inputs.progress(list(vectors[0]), desc="WUDI", unit="tensor"):
+        chosen = key.endswith(LINEAR) if matrices == "linear" else is_layer_matrix(key, vectors[0][key])
+        if not chosen and matrices == "linear":
+            continue  # left pretrained
+        stack = stacked(vectors, key, inputs.device)
+        merged[key] = (wudi_matrix(stack, iterations, lr) if chosen else stack.mean(0)).cpu()
+    return apply(inputs.pretrained, merged)

@@ -1,0 +1,44 @@
+"""Per-layer-matrix building blocks of the SVD merges (TSV-M, Iso-C, Iso-CTS) and WUDI: which
+tensors count as layer matrices, the nearest orthogonal matrix, and a merge that treats
+matrices one way and every other tensor another.
+
+Layer matrices are the 2-D tensors of the image encoder, as every reference decides it
+(`len(shape) == 2`, the text tower's `text_projection` aside, which an image encoder does not
+hold): the attention in/out projections, the MLP's c_fc / c_proj, the output `proj` and also
+`positional_embedding` (2-D too). Everything else (the patch-embedding convolution, class
+embedding, biases, LayerNorms) takes the mean of the task vectors, as the references do.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from pipeline.merging.task_vectors import StateDict
+
+
+def is_layer_matrix(key: str, tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 2 and "text_projection" not in key
+
+
+def polar(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthogonal matrix nearest `matrix` in Frobenius norm (its polar factor U V^T)."""
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u @ vh
+
+
+def stacked(vectors: list[StateDict], key: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(T, ...) the tasks' vectors of one tensor, in at least float32 (as the references compute)."""
+    stack = torch.stack([tv[key] for tv in vectors])
+    return stack.to(device, torch.promote_types(stack.dtype, torch.float32))
+
+
+def per_matrix(vectors: list[StateDict], merge: Callable[[torch.Tensor], torch.Tensor], *, device: torch.device,
+               progress: Callable, desc: str) -> StateDict:
+    """The merged task vector: `merge(stack)` for each layer matrix ((T, m, n) on `device`, one
+    matrix in memory at a time), the mean of the task vectors for every other tensor."""
+    out = {}
+    for key in progress(list(vectors[0]), desc=desc, unit="tensor"):
+        stack = stacked(vectors, key, device)
+        out[key] = (merge(stack) if is_layer_matrix(key, vectors[0][key]) else stack.mean(0)).cpu()
+    return out
