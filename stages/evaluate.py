@@ -150,7 +150,7 @@ def field_table(results: dict, labels: dict[str, str]) -> str:
             continue
         cost = r["cost"]["merge"] or {}
         cells = [r["acc"]["avg"], r.get("normalized_acc", {}).get("avg"), r["surgery_acc"]["avg"],
-                 r.get("surgery_normalized_acc", {}).get("avg"), cost.get("wall_s"), cost.get("peak_mib")]
+                 r.get("normalized_surgery_acc", {}).get("avg"), cost.get("wall_s"), cost.get("peak_mib")]
         lines.append(f"| {tables.label(key, labels)} | " + " | ".join("" if v is None else f"{v:.1f}" for v in cells)
                      + f" | {r['cost']['added_params']['surgery']:,} |")
     return "\n".join(lines) + "\n"

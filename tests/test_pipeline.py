@@ -25,7 +25,7 @@ def test_repro_writes_metrics_for_every_method_and_task(world):
     for method in METHODS:
         figures = {k: v for k, v in metrics[method].items() if k not in ("split", "cost")}
         assert set(figures) == {"acc", "surgery_acc", "bias", "surgery_bias", "normalized_acc",
-                                "surgery_normalized_acc"}
+                                "normalized_surgery_acc"}
         for table in figures.values():
             assert set(table) == {*TINY["tasks"], "avg"}
         for figure in ("acc", "surgery_acc"):  # the field's normalised accuracy: % of the individual encoders'

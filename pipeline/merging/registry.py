@@ -33,6 +33,9 @@ if TYPE_CHECKING:  # the registry itself needs no torch: presets read SCHEDULES 
 ENTRY_POINT_GROUP = "repsurgery.merge_methods"
 NEEDS = ("heads", "images", "device")
 SCHEDULES = ("steps", "mask_steps")  # the params that set how long a learned method trains
+# Step sizes: the miniature world may size one to its own task vectors (WUDI's absolute Adam step);
+# like the schedules, the paper presets leave them to the registered (reference) values.
+STEP_SIZES = ("lr",)
 
 
 @dataclass

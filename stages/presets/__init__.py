@@ -2,8 +2,9 @@
 
 The paper presets (`paper-<arch>`: FusionBench's Hub fine-tunes; `paper-ta-<arch>`: the Task
 Arithmetic release from a local folder) are the world preset as written, comments included,
-with three sections replaced: tasks, `source` (with the checkpoint family) and the merge entries, whose learned schedules are left to each
-method's registered default (the recipe's, where the world runs 100 steps); entries that read
+with three sections replaced: tasks, `source` (with the checkpoint family) and the merge entries,
+whose learned schedules and step sizes are left to each method's registered default (the
+recipe's, where the world runs 100 steps or sizes WUDI's step to its task vectors); entries that read
 a file of the miniature world (the Traditional MTL checkpoint) are left out. Nothing here
 imports torch: `repsurgery preset` starts at once.
 """
@@ -19,7 +20,7 @@ from cache.files import write_text
 from pipeline import workspace
 from pipeline.data.catalog import PAPER_TASKS
 from pipeline.errors import PipelineError
-from pipeline.merging.registry import SCHEDULES
+from pipeline.merging.registry import SCHEDULES, STEP_SIZES
 from pipeline.reporting.published import merge_params
 
 # architecture -> (open_clip name, name in tanganke/clip-vit-*_<task> model ids, folder of the Task
@@ -93,7 +94,8 @@ def paper_params(name: str, checkpoints: str | None = None) -> dict:
         "datasets": {t: f"hf://{task.dataset}" for t, task in PAPER_TASKS.items()},
     }
     family_params = merge_params(family)
-    params["merge"] = {key: {**{k: v for k, v in entry.items() if k not in SCHEDULES}, **family_params.get(key, {})}
+    params["merge"] = {key: {**{k: v for k, v in entry.items() if k not in SCHEDULES + STEP_SIZES},
+                                 **family_params.get(key, {})}
                        for key, entry in params["merge"].items()
                        if not str(entry.get("path", "")).startswith(str(workspace.MTL))}
     if any(entry.get("split") == "train" for entry in params["merge"].values()):
