@@ -30,6 +30,7 @@ TSNE_CACHE = FEATURES / "tsne"  # t-SNE embeddings by input digest (analysis-tsn
 RESULTS = Path("results")
 SOURCES = RESULTS / "sources.json"  # where the models and data came from (stage check)
 FINGERPRINTS = RESULTS / "fingerprints"  # the code each merge entry and each stage runs (stage check)
+MERGE_COSTS = RESULTS / "merge-costs"  # each merge entry's wall time and peak memory (stage merge@KEY)
 METRICS = RESULTS / "metrics.json"  # every figure, per task
 SUMMARY = RESULTS / "summary.json"  # the averages: what `dvc metrics` and `dvc exp show` show
 ACCURACY_TABLE = RESULTS / "accuracy.md"
@@ -62,6 +63,12 @@ def merge_fingerprint(key: str) -> Path:
 def command_fingerprint(command: str) -> Path:
     """The digest of the code `repsurgery COMMAND` runs: the stages that run it depend on it."""
     return FINGERPRINTS / "commands" / f"{command}.json"
+
+
+def merge_cost(key: str) -> Path:
+    """What merge entry `key`'s method took (wall time, peak memory, device): a measurement, kept
+    apart from its checkpoint and info so that a re-timed merge re-runs nothing after it."""
+    return MERGE_COSTS / f"{key}.json"
 
 
 def merged_info(key: str) -> Path:

@@ -46,8 +46,8 @@ def check(params: Params) -> None:
         code = {"key": key, "method": method.name, "module": method.module,
                 **provenance.describe(command_modules("merge") + (method.module,))}
         changed += _write(workspace.merge_fingerprint(key), code)
-    for path in sorted(workspace.FINGERPRINTS.glob("*.json")):
-        if path.stem not in params.merge:
+    for path in [*workspace.FINGERPRINTS.glob("*.json"), *workspace.MERGE_COSTS.glob("*.json")]:
+        if path.stem not in params.merge:  # an entry no longer in the params
             path.unlink()
     for command in stage_commands():
         changed += _write(workspace.command_fingerprint(command),

@@ -55,8 +55,8 @@ def evaluate(params: Params) -> dict:
             for figure in ("acc", "surgery_acc"):
                 out[f"normalized_{figure}"] = metrics.normalized(out[figure], results["individual"]["acc"])
         results[key] = {k: _with_avg(v) for k, v in out.items()}
-        results[key]["cost"] = {"merge": json.loads(workspace.merged_info(key).read_text()).get("cost"),
-                                "added_params": {"merge": 0, "surgery": metrics.parameters(surgery)}}
+        results[key]["cost"] = {"merge": merge_cost(key), "added_params": {"merge": 0,
+                                                                      "surgery": metrics.parameters(surgery)}}
         split = getattr(params.merge_entry(key).params, "split", None)
         if split is not None:  # the images a data-using merge learned from: rows of one table may differ
             results[key]["split"] = split
@@ -74,6 +74,14 @@ def evaluate(params: Params) -> dict:
     print(f"metrics written to {workspace.METRICS} (per task), {workspace.SUMMARY} (averages) and "
           f"{workspace.ACCURACY_TABLE}")
     return results
+
+
+def merge_cost(key: str) -> dict | None:
+    """The merge's wall time and peak memory where its measurement is here (not a dependency:
+    a merge re-run that gives the same weights re-runs nothing after it; evaluation from pulled
+    stores alone records none)."""
+    path = workspace.merge_cost(key)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 CHECKS = {  # what a baseline near chance on a task points to
@@ -143,16 +151,22 @@ def field_table(results: dict, labels: dict[str, str]) -> str:
     """Each entry's averages as the field reports them, absolute and normalised (% of the
     individual encoders'), without and with surgery, beside what the merge cost (wall time and
     peak memory of the method, models/merged/KEY.json) and the parameters surgery adds."""
+    entries = {key: r for key, r in results.items() if "surgery_acc" in r}
+    published = any("published" in r for r in entries.values())  # a real run: its family's averages
     lines = ["| method | Avg | normalized | + surgery | normalized | merge time (s) | merge peak (MiB) | "
-             "params added by surgery |", "|---" * 8 + "|"]
-    for key, r in results.items():
-        if "surgery_acc" not in r:
-            continue
+             "params added by surgery |" + (" published avg (+ surgery) |" if published else ""),
+             "|---" * (9 if published else 8) + "|"]
+    for key, r in entries.items():
         cost = r["cost"]["merge"] or {}
         cells = [r["acc"]["avg"], r.get("normalized_acc", {}).get("avg"), r["surgery_acc"]["avg"],
                  r.get("normalized_surgery_acc", {}).get("avg"), cost.get("wall_s"), cost.get("peak_mib")]
-        lines.append(f"| {tables.label(key, labels)} | " + " | ".join("" if v is None else f"{v:.1f}" for v in cells)
-                     + f" | {r['cost']['added_params']['surgery']:,} |")
+        line = (f"| {tables.label(key, labels)} | " + " | ".join("" if v is None else f"{v:.1f}" for v in cells)
+                + f" | {r['cost']['added_params']['surgery']:,} |")
+        if published:
+            figures = [r.get("published", {}).get(f, {}).get("avg") for f in ("acc", "surgery_acc")]
+            line += (f" {figures[0]:.1f}" if figures[0] is not None else "") + (
+                f" ({figures[1]:.1f})" if figures[1] is not None else "") + " |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,8 @@ def merge(key: str, params: Params, device: torch.device) -> None:
     fp = save_state(workspace.merged_checkpoint(key), result.state, method=entry.method, key=key)
     workspace.write_json(workspace.merged_info(key), {
         "key": key, "method": entry.method, "label": entry.label, "params": entry.params.model_dump(),
-        "tasks": params.tasks, "fingerprint": fp, "cost": {**cost, "device": str(inputs.device)}, **result.info})
+        "tasks": params.tasks, "fingerprint": fp, **result.info})
+    workspace.write_json(workspace.merge_cost(key), {**cost, "device": str(inputs.device)})
     print(f"{key} ({entry.label}), {len(params.tasks)} tasks, {cost['wall_s']:.1f} s -> "
-          f"{workspace.merged_checkpoint(key)}\n  fingerprint {fp}; details in {workspace.merged_info(key)}")
+          f"{workspace.merged_checkpoint(key)}\n  fingerprint {fp}; details in {workspace.merged_info(key)}, "
+          f"cost in {workspace.merge_cost(key)}")
