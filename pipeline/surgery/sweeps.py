@@ -32,7 +32,7 @@ def accuracies(data: TaskSet, module: Surgery | None = None) -> list[float]:
     for t, (z, head, labels) in enumerate(zip(data.merged, data.heads, data.labels)):
         if module is not None:
             with torch.no_grad():
-                z = module(z.to(module.down.device), t).cpu()
+                z = module(z.to(module.down_t.device), t).cpu()
         out.append(metrics.accuracy(z, head, labels))
     return out
 

@@ -140,8 +140,8 @@ def _fit_shared(module: Surgery, fetch, criterion, *, n_tasks: int, lr: float, s
     """The reference's loop: per turn, each task in order takes VISIT steps, and every step is
     one SharedAdam step over all lanes. Each copy (merge method) is still its own problem: its
     lanes are stepped exactly as if it were trained alone."""
-    adam = SharedAdam([module.down, module.up], lr)
-    lane_task = torch.arange(len(module.down), device=module.down.device) % n_tasks
+    adam = SharedAdam([module.down_t, module.up_t], lr)
+    lane_task = torch.arange(len(module.down_t), device=module.down_t.device) % n_tasks
     losses = torch.zeros(copies, steps)
     turns = math.ceil(steps / VISIT)
     for turn in progress(range(turns)):
@@ -183,11 +183,15 @@ def train_groups(merged_sets: list[Features], individual: Features, *, rank: int
     lane_start = (torch.arange(len(merged_sets), device=device).repeat_interleave(len(sizes)) * sum(sizes)
                   + starts[lane_task])
 
+    # (steps, lanes * B) rows of the flat tables, computed once
+    merged_rows = (index[:, lane_task] + lane_start[None, :, None]).flatten(1)
+    target_rows = (index + starts[None, :, None]).flatten(1)  # every set shares the tasks' targets
+    shape = (len(merged_sets), len(sizes), batch_size, merged.shape[1])
+
     def fetch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = index[step][lane_task]                      # (lanes, B) rows within each task
-        shape = (len(lane_task), batch_size, merged.shape[1])
-        return (merged[(rows + lane_start[:, None]).view(-1)].view(shape),
-                targets[(rows + starts[lane_task][:, None]).view(-1)].view(shape))
+        target = targets.index_select(0, target_rows[step]).view(shape[1:])
+        return (merged.index_select(0, merged_rows[step]).view(-1, *shape[2:]),
+                target.expand(shape).reshape(-1, *shape[2:]))
 
     hook = None if on_step is None else (lambda step, module: on_step(step, module.split(len(merged_sets))))
     module, curves = fit(fetch, n_tasks=len(sizes), dim=merged.shape[1], rank=rank, lr=lr, steps=steps, loss=loss,
