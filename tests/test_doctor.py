@@ -2,8 +2,6 @@
 fault is one line naming where it is and the fix, and nothing runs on a broken input."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq

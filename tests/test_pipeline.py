@@ -329,8 +329,10 @@ def test_surgery_and_evaluation_need_only_the_pulled_stores_and_heads(world, tmp
         shutil.rmtree(project / gone)
     cli(project, "surgery", check=True)
     cli(project, "evaluate", check=True)
-    assert json.loads((project / "results" / "metrics.json").read_text()) == \
-        json.loads((world / "results" / "metrics.json").read_text())
+    pulled, built = (json.loads((p / "results" / "metrics.json").read_text()) for p in (project, world))
+    for key in TINY["merge"]:  # what each merge cost is a measurement of the merge run, not pulled with it
+        assert pulled[key]["cost"].pop("merge") is None and built[key]["cost"].pop("merge")["wall_s"] >= 0
+    assert pulled == built
 
 
 @pytest.mark.parametrize("change, message", [

@@ -13,7 +13,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from cache import (FeatureStore, IncompleteStoreError, MissingStoreError, StoreError, StoreMismatchError,
+from cache import (IncompleteStoreError, MissingStoreError, StoreError, StoreMismatchError,
                    mean_abs_diff, open_store, open_writer)
 
 ROOT = Path(__file__).resolve().parents[1]

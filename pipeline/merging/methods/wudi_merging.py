@@ -21,7 +21,7 @@ from pydantic import Field
 from pipeline.merging.inputs import MergeInputs
 from pipeline.merging.registry import Merged, merge_method
 from pipeline.merging.subspaces import is_layer_matrix, stacked
-from pipeline.merging.task_vectors import StateDict, apply
+from pipeline.merging.task_vectors import apply
 
 LINEAR = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
