@@ -60,7 +60,9 @@ def check(params: Params) -> None:
 
 def stage_commands() -> list[str]:
     """The repsurgery commands dvc.yaml's stages run, but `check` itself and `merge` (whose code
-    is fingerprinted per entry, with its method's)."""
+    is fingerprinted per entry, with its method's); none outside a DVC project."""
+    if not PIPELINE_FILE.exists():
+        return []
     stages = read_yaml(PIPELINE_FILE)["stages"].values()
     return sorted({stage.get("do", stage)["cmd"].split()[1] for stage in stages} - {"check", "merge"})
 
