@@ -8,22 +8,22 @@ import torch
 from pipeline import provenance, workspace
 from pipeline.config import Params
 from pipeline.errors import PipelineError
-from pipeline.features.stores import open_features, read_features
+from pipeline.features.stores import open_features
 from pipeline.surgery.adapters import inputs_digest, save_surgery, trained_inputs
 from pipeline.surgery.training import train_groups
 from stages.common import progress
 
 
-def inputs_of(keys: list[str], params: Params) -> dict[str, str]:
-    """What each entry's adapters depend on: both encoders' stores, the tasks, the settings and
-    the code that trains them."""
-    def stores(encoder: str) -> dict[str, str]:
-        return {f"{encoder}/{t}": open_features(encoder, t).attrs["sha256"] for t in params.tasks}
+def inputs_of(stores: dict[str, list], individual: list, params: Params) -> dict[str, str]:
+    """What each entry's adapters depend on: both encoders' stores (opened), the tasks, the
+    settings and the code that trains them."""
+    def named(encoder: str, opened: list) -> dict[str, str]:
+        return {f"{encoder}/{t}": store.attrs["sha256"] for t, store in zip(params.tasks, opened)}
 
     shared = {"tasks": params.tasks, "surgery": params.surgery.model_dump(), "code": provenance.digest([__name__])}
-    individual = stores("individual")
-    return {key: inputs_digest(**shared, stores={**stores(workspace.merged_encoder(key)), **individual})
-            for key in keys}
+    targets = named("individual", individual)
+    return {key: inputs_digest(**shared, stores={**named(workspace.merged_encoder(key), opened), **targets})
+            for key, opened in stores.items()}
 
 
 def run_surgery(params: Params, device: torch.device, keys: list[str] | None = None) -> None:
@@ -33,18 +33,22 @@ def run_surgery(params: Params, device: torch.device, keys: list[str] | None = N
         raise PipelineError(f"unknown merge entry {unknown[0]!r}: the entries of params `merge` are "
                             f"{', '.join(params.methods)}")
     cfg = params.surgery
-    params.check_rows({t: open_features("individual", t).n_rows for t in params.tasks}, "surgery.batch_size",
+    individual = [open_features("individual", t) for t in params.tasks]  # opened (and checked) once
+    params.check_rows({t: store.n_rows for t, store in zip(params.tasks, individual)}, "surgery.batch_size",
                       cfg.batch_size)
+    stores = {key: [open_features(workspace.merged_encoder(key), t) for t in params.tasks] for key in keys}
     stale = []
-    for key, digest in inputs_of(keys, params).items():
+    for key, digest in inputs_of(stores, individual, params).items():
         if trained_inputs(key) == digest:
             print(f"surgery {key}: up to date ({workspace.surgery_checkpoint(key)})")
         else:
             stale.append((key, digest))
     if stale:
-        merged = [read_features(workspace.merged_encoder(key), params.tasks) for key, _ in stale]
-        trained = train_groups(merged, read_features("individual", params.tasks), **cfg.model_dump(), device=device,
-                               progress=lambda it: progress(it, desc=f"surgery of {len(stale)} entries"))
+        def read(opened: list) -> list[torch.Tensor]:
+            return [torch.from_numpy(store.to_numpy()) for store in opened]
+
+        trained = train_groups([read(stores[key]) for key, _ in stale], read(individual), **cfg.model_dump(),
+                               device=device, progress=lambda it: progress(it, desc=f"surgery of {len(stale)} entries"))
         for (key, digest), (module, curve) in zip(stale, trained):
             path = save_surgery(key, module, tasks=params.tasks, inputs=digest)
             workspace.write_json(workspace.surgery_info(key), {"tasks": params.tasks, "rank": cfg.rank,
