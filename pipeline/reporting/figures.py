@@ -78,10 +78,11 @@ def bias_panels(tasks: list[str], panels: dict[str, tuple[list[float], list[floa
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.9 * rows), sharey=True, squeeze=False)
     x = np.arange(len(tasks))
-    for ax, (title, (before, after)) in zip(axes.flat, panels.items()):
+    for i, (ax, (title, (before, after))) in enumerate(zip(axes.flat, panels.items())):
         ax.bar(x - 0.2, before, 0.4, color=BLUE, label="merged")
         ax.bar(x + 0.2, after, 0.4, color=RED, label="merged + surgery")
-        ax.set_xticks(x, tasks, rotation=60, fontsize=7)
+        lowest = i + columns >= len(panels)  # the task names under each column's last panel only
+        ax.set_xticks(x, tasks if lowest else [], rotation=60, fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     for ax in axes.flat[len(panels):]:
