@@ -129,8 +129,8 @@ def compare_with_published(results: dict, family: str, arch: str | None) -> None
 def published_note(family: str, arch: str | None) -> str:
     info = published.describe(family, arch)
     if not published.rows(family, arch):
-        return (f"no published figures for checkpoint family {family!r}" + (f" and {info['arch']}" if info["arch"] else "")
-                + " (params `source.family`)")
+        return (f"no published figures for checkpoint family {family!r}"
+                + (f" and {info['arch']}" if info["arch"] else "") + " (params `source.family`)")
     return f"{family} {info['arch']}: {info['source']}"
 
 
@@ -147,10 +147,15 @@ def summary_table(results: dict, labels: dict[str, str]) -> str:
     return "\n".join(f"{r[0]:<{width}}  " + "  ".join(f"{c:>9}" for c in r[1:]) for r in rows)
 
 
+def published_avg(r: dict, figure: str) -> float | None:
+    """The published average of an entry's figure (acc, surgery_acc), where the family has one."""
+    return r.get("published", {}).get(figure, {}).get("avg")
+
+
 def field_table(results: dict, labels: dict[str, str]) -> str:
     """Each entry's averages as the field reports them, absolute and normalised (% of the
     individual encoders'), without and with surgery, beside what the merge cost (wall time and
-    peak memory of the method, models/merged/KEY.json) and the parameters surgery adds."""
+    peak memory of the method, results/merge-costs/KEY.json) and the parameters surgery adds."""
     entries = {key: r for key, r in results.items() if "surgery_acc" in r}
     published = any("published" in r for r in entries.values())  # a real run: its family's averages
     lines = ["| method | Avg | normalized | + surgery | normalized | merge time (s) | merge peak (MiB) | "
@@ -163,9 +168,9 @@ def field_table(results: dict, labels: dict[str, str]) -> str:
         line = (f"| {tables.label(key, labels)} | " + " | ".join("" if v is None else f"{v:.1f}" for v in cells)
                 + f" | {r['cost']['added_params']['surgery']:,} |")
         if published:
-            figures = [r.get("published", {}).get(f, {}).get("avg") for f in ("acc", "surgery_acc")]
-            line += (f" {figures[0]:.1f}" if figures[0] is not None else "") + (
-                f" ({figures[1]:.1f})" if figures[1] is not None else "") + " |"
+            merged, surgery = (published_avg(r, figure) for figure in ("acc", "surgery_acc"))
+            line += (f" {merged:.1f}" if merged is not None else "") + (
+                f" ({surgery:.1f})" if surgery is not None else "") + " |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -173,13 +178,10 @@ def field_table(results: dict, labels: dict[str, str]) -> str:
 def accuracy_table(results: dict, names: list[str], labels: dict[str, str]) -> str:
     """The paper's Table 1 layout: the baselines, every merge entry (params order), then every
     entry with surgery; the published average of the run's checkpoint family where there is one."""
-    def avg(r: dict, figure: str) -> float | None:
-        return r.get("published", {}).get(figure, {}).get("avg")
-
     rows = [{"method": key, "setting": "", **r["acc"], "bias": r.get("bias", {}).get("avg"),
-             "split": r.get("split"), "published": avg(r, "acc")} for key, r in results.items()]
+             "split": r.get("split"), "published": published_avg(r, "acc")} for key, r in results.items()]
     rows += [{"method": key, "setting": "", "label": f"{labels[key]} + surgery", **r["surgery_acc"],
-              "bias": r["surgery_bias"]["avg"], "split": r.get("split"), "published": avg(r, "surgery_acc")}
+              "bias": r["surgery_bias"]["avg"], "split": r.get("split"), "published": published_avg(r, "surgery_acc")}
              for key, r in results.items() if "surgery_acc" in r]
     extra = {"bias": ("bias avg", 3)}
     if any(r["published"] is not None for r in rows):

@@ -1,6 +1,7 @@
 """Stage `surgery`: every merge entry's per-task adapters, trained on cached features only,
-side by side in one process (each entry's adapters exactly as if trained alone). The outputs persist: an entry whose features, tasks and surgery settings are
-unchanged keeps its adapters, so changing one merge entry retrains only that entry."""
+side by side in one process (each entry's adapters exactly as if trained alone). The outputs
+persist: an entry whose features, tasks and surgery settings are unchanged keeps its adapters,
+so changing one merge entry retrains only that entry."""
 from __future__ import annotations
 
 import torch

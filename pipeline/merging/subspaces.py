@@ -10,7 +10,7 @@ embedding, biases, LayerNorms) takes the mean of the task vectors, as the refere
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -34,11 +34,16 @@ def stacked(vectors: list[StateDict], key: str, device: torch.device | str = "cp
 
 
 def per_matrix(vectors: list[StateDict], merge: Callable[[torch.Tensor], torch.Tensor], *, device: torch.device,
-               progress: Callable, desc: str) -> StateDict:
-    """The merged task vector: `merge(stack)` for each layer matrix ((T, m, n) on `device`, one
-    matrix in memory at a time), the mean of the task vectors for every other tensor."""
+               progress: Callable, desc: str, chosen: Callable[[str, torch.Tensor], bool] = is_layer_matrix,
+               others: Literal["mean", "pretrained"] = "mean") -> StateDict:
+    """The merged task vector: `merge(stack)` for each chosen tensor (by default the layer
+    matrices; (T, m, n) on `device`, one in memory at a time); every other tensor takes the mean
+    of the task vectors (`others: "mean"`) or is left out, so that it stays pretrained
+    (`others: "pretrained"`)."""
     out = {}
     for key in progress(list(vectors[0]), desc=desc, unit="tensor"):
-        stack = stacked(vectors, key, device)
-        out[key] = (merge(stack) if is_layer_matrix(key, vectors[0][key]) else stack.mean(0)).cpu()
+        if chosen(key, vectors[0][key]):
+            out[key] = merge(stacked(vectors, key, device)).cpu()
+        elif others == "mean":
+            out[key] = stacked(vectors, key, device).mean(0).cpu()
     return out

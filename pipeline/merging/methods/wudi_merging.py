@@ -20,7 +20,7 @@ from pydantic import Field
 
 from pipeline.merging.inputs import MergeInputs
 from pipeline.merging.registry import Merged, merge_method
-from pipeline.merging.subspaces import is_layer_matrix, stacked
+from pipeline.merging.subspaces import is_layer_matrix, per_matrix
 from pipeline.merging.task_vectors import apply
 
 LINEAR = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -54,16 +54,16 @@ def wudi_merging(inputs: MergeInputs, *, iterations: Annotated[int, Field(ge=0)]
     """`info`: the objective summed over the layers at the start (Task Arithmetic at scaling 1)
     and the end: how far the iterations got (Adam's step is absolute, so a family of larger task
     vectors needs a larger `lr` to get as far)."""
-    vectors, merged, start, end = inputs.vectors, {}, 0.0, 0.0
-    for key in inputs.progress(list(vectors[0]), desc="WUDI", unit="tensor"):
-        chosen = key.endswith(LINEAR) if matrices == "linear" else is_layer_matrix(key, vectors[0][key])
-        if not chosen and matrices == "linear":
-            continue  # left pretrained
-        stack = stacked(vectors, key, inputs.device)
-        if chosen:
-            merged[key], (first, last) = wudi_matrix(stack, iterations, lr)
-            start, end = start + first, end + last
-        else:
-            merged[key] = stack.mean(0)
-    state = apply(inputs.pretrained, {key: value.cpu() for key, value in merged.items()})
-    return Merged(state, {"objective": {"start": start, "end": end, "ratio": end / start if start else 1.0}})
+    objective = []  # (start, end) per merged matrix
+
+    def merge(stack: torch.Tensor) -> torch.Tensor:
+        merged, ends = wudi_matrix(stack, iterations, lr)
+        objective.append(ends)
+        return merged
+
+    linear = (lambda key, tensor: key.endswith(LINEAR)) if matrices == "linear" else is_layer_matrix
+    delta = per_matrix(inputs.vectors, merge, device=inputs.device, progress=inputs.progress, desc="WUDI",
+                       chosen=linear, others="pretrained" if matrices == "linear" else "mean")
+    start, end = (sum(values) for values in zip(*objective)) if objective else (0.0, 0.0)
+    return Merged(apply(inputs.pretrained, delta),
+                  {"objective": {"start": start, "end": end, "ratio": end / start if start else 1.0}})
