@@ -88,14 +88,43 @@ class Extract(Section):
     autocast: Literal["none", "bf16", "fp16"]
 
 
-class Surgery(Section):
+class SurgerySettings(Section):
+    adapter: str = "surgery"  # a registered adapter (pipeline/surgery/adapters/), its params in `adapters`
     rank: PositiveInt
     lr: PositiveFloat
     steps: PositiveInt
     batch_size: PositiveInt
     loss: Literal[LOSSES]
-    seed: int
     optimiser: Literal["per_task", "shared"] = "per_task"  # shared: as the authors' code ran (training.py)
+
+
+class Surgery(SurgerySettings):
+    """The pipeline's surgery (metrics.json): trained once per seed, reported as mean and std."""
+    seeds: Annotated[list[int], Field(min_length=1)]
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("each seed once")
+        return value
+
+
+class AnalysisSurgery(SurgerySettings):
+    """The one reference setting the analyses study."""
+    seed: int
+
+
+class Router(Section):
+    """Picks each test image's task (its adapter and head) from the merged features, fitted on
+    a seeded share of each task's test images (task membership known, class labels never
+    read) and scored on the rest only."""
+    method: Literal["nearest_centroid", "knn", "linear"]
+    fit_share: Annotated[float, Field(gt=0, lt=1)]
+    seed: int
+    k: PositiveInt = 10          # knn: neighbours that vote
+    steps: PositiveInt = 200     # linear: full-batch Adam steps of the probe
+    lr: PositiveFloat = 0.01     # linear
 
 
 class PerMethod(Section):
@@ -126,6 +155,10 @@ class Curve(PerMethod):
     eval_every: PositiveInt
 
 
+class AdapterSweep(PerMethod):
+    adapters: list[str] = []  # registered adapters compared, [] = every one
+
+
 class Tsne(PerMethod):
     samples: PositiveInt
     perplexity: PositiveFloat
@@ -134,7 +167,7 @@ class Tsne(PerMethod):
 
 
 class Analyses(Section):
-    surgery: Surgery    # the reference setting the analyses study (the paper's: the recipe's values)
+    surgery: AnalysisSurgery  # the reference setting the analyses study (the paper's: the recipe's values)
     rank: RankSweep
     loss: LossSweep
     data_ratio: DataRatio
@@ -142,6 +175,7 @@ class Analyses(Section):
     curve: Curve
     bias: PerMethod
     tsne: Tsne
+    adapters: AdapterSweep
 
     def methods(self, name: str, entries: list[str]) -> list[str]:
         """The merge entries analysis `name` runs on, in params order (none for the baselines)."""
@@ -195,9 +229,12 @@ class Params(Section):
     merge: dict[str, dict[str, Any]]
     extract: Extract
     surgery: Surgery
+    adapters: dict[str, dict[str, Any] | None] = {}
+    router: Router
     mtl: Finetune
     analyses: Analyses
     _entries: dict[str, MergeEntry] = PrivateAttr(default_factory=dict)
+    _adapters: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr(default="params")  # the file the params were read from
 
     @property
@@ -226,6 +263,19 @@ class Params(Section):
         """Readable names of the merge entries, for tables and figures."""
         return {key: entry.label for key, entry in self._entries.items()}
 
+    def adapter_params(self, name: str) -> dict[str, Any]:
+        """A registered adapter's params: its `adapters` entry over its defaults."""
+        return self._adapters[name].model_dump()
+
+    def training(self, cfg: SurgerySettings) -> dict[str, Any]:
+        """What the trainer takes from a surgery section: its settings (not its seeds) and its
+        adapter's params."""
+        return {**cfg.model_dump(exclude={"seed", "seeds"}), "adapter_params": self.adapter_params(cfg.adapter)}
+
+    def adapter_names(self) -> list[str]:
+        """The adapters the `adapters` analysis compares (registry order where it lists none)."""
+        return list(self.analyses.adapters.adapters or self._adapters)
+
 
 def merge_entries(section: dict[str, dict]) -> dict[str, MergeEntry]:
     """Validate every `merge:` entry against its method's signature; readable, unique labels."""
@@ -253,6 +303,29 @@ def merge_entries(section: dict[str, dict]) -> dict[str, MergeEntry]:
         seen[entry.label] = seen.get(entry.label, 0) + 1
     return {k: e.model_copy(update={"label": f"{e.label} ({k})"}) if seen[e.label] > 1 else e
             for k, e in entries.items()}
+
+
+def adapter_params(params: Params) -> dict[str, BaseModel]:
+    """Every registered adapter's params (`adapters` entries checked against their `Params`);
+    the adapters `surgery`, `analyses.surgery` and `analyses.adapters` name must be registered."""
+    from pipeline.surgery import adapters
+
+    known = adapters.available()
+    named = {"adapters": list(params.adapters), "surgery.adapter": [params.surgery.adapter],
+             "analyses.surgery.adapter": [params.analyses.surgery.adapter],
+             "analyses.adapters.adapters": params.analyses.adapters.adapters}
+    for key, names in named.items():
+        for name in names:
+            if name not in known:
+                raise _error(key, name, f"a registered adapter: {', '.join(known)} (`repsurgery list adapters`)")
+    out = {}
+    for name in [*params.adapters, *(n for n in known if n not in params.adapters)]:  # params order first
+        cls = known[name]
+        try:
+            out[name] = cls.Params.model_validate(params.adapters.get(name) or {})
+        except ValidationError as exc:
+            raise _from_validation(exc, prefix=f"adapters.{name}.") from None
+    return out
 
 
 def _error(key: str, value: Any, allowed: str) -> PipelineError:
@@ -290,6 +363,7 @@ def validate(raw: Any) -> Params:
     if not params.merge:
         raise _error("merge", {}, "at least one merge entry")
     params._entries = merge_entries(params.merge)
+    params._adapters = adapter_params(params)
     _check_splits(params)
     for name, section in params.analyses:
         for method in getattr(section, "methods", []):

@@ -4,9 +4,12 @@ their source, and a digest of those files.
 A result that records the digest of its own closure is recomputed when that code changes and
 only then: editing one merge method re-runs that method's entries, editing shared code
 re-runs everything that imports it, and a plugin's module counts like a built-in one. The
-closure is static (imports inside functions count, so it may over-approximate); the registry's
-dynamic import of every method module is not an edge, so one method's closure holds no other
-method. No torch here: the first pipeline stage computes digests before anything is loaded.
+closure is static (imports inside functions count, so it may over-approximate); the merge
+registry's dynamic import of every method module is not an edge, so one method's closure holds
+no other method. A package that imports every module of its own (`pkgutil.iter_modules(__path__)`:
+the adapter registry) has them all in its closure: a stage that picks one by name at run time
+runs any of them. No torch here: the first pipeline stage computes digests before anything is
+loaded.
 """
 from __future__ import annotations
 
@@ -70,6 +73,9 @@ def _imported(name: str, source: str, is_package: bool, roots: tuple[str, ...]) 
             if base.split(".")[0] in roots:  # never look another package up: that would import it
                 names = [n if module_file(n) else base for n in (f"{base}.{a.name}" for a in node.names)]
         out |= {full for full in names if full.split(".")[0] in roots and module_file(full)}
+    if is_package and "iter_modules(__path__)" in source:  # a registry package: every module of its own
+        folder = module_file(name).parent
+        out |= {f"{name}.{path.stem}" for path in folder.glob("*.py") if path.stem != "__init__"}
     return frozenset(out)
 
 

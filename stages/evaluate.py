@@ -11,12 +11,13 @@ import torch
 import typer
 
 from cache.files import write_text
-from pipeline import workspace
+from pipeline import routing, workspace
 from pipeline.config import Params
 from pipeline.features.stores import open_features, read_labels
 from pipeline.models.checkpoints import load_heads
 from pipeline.reporting import metrics, published, tables
-from pipeline.surgery.adapters import load_surgery
+from pipeline.surgery import adapters
+from pipeline.surgery.checkpoints import load_surgery
 from stages.common import progress
 
 
@@ -29,34 +30,23 @@ def evaluate(params: Params) -> dict:
     heads = load_heads(workspace.HEADS, names)
     labels = {t: read_labels(t) for t in names}
 
-    def acc(z: torch.Tensor, task: str) -> float:
-        return metrics.accuracy(z, heads[task], labels[task])
-
     def features(encoder: str, task: str) -> torch.Tensor:  # a test split's features fit in memory
         return torch.from_numpy(open_features(encoder, task).to_numpy())
 
-    individual = {t: features("individual", t) for t in names}
+    individual = [features("individual", t) for t in names]
     baselines = ["pretrained", "individual"] + (["mtl"] if params.is_world else [])  # Traditional MTL: world only
-    results = {b: {"acc": _with_avg({t: acc(individual[t] if b == "individual" else features(b, t), t)
-                                     for t in names})} for b in baselines}
+    results = {b: {"acc": _with_avg({t: metrics.accuracy(individual[i] if b == "individual" else features(b, t),
+                                                         heads[t], labels[t]) for i, t in enumerate(names)})}
+               for b in baselines}
     for key in progress(params.methods, desc="evaluate", unit="method"):
-        surgery = load_surgery(key, names)
-        out = {"acc": {}, "surgery_acc": {}}
-        pairs = []  # (merged, individual) features for Eq. 1: without surgery, then with it, per task
-        for i, task in enumerate(names):
-            z = features(workspace.merged_encoder(key), task)
-            with torch.no_grad():
-                adapted = surgery(z, i)
-            out["acc"][task], out["surgery_acc"][task] = acc(z, task), acc(adapted, task)
-            pairs += [(z, individual[task]), (adapted, individual[task])]
-        bias = metrics.biases(pairs)
-        out["bias"], out["surgery_bias"] = dict(zip(names, bias[0::2])), dict(zip(names, bias[1::2]))
+        merged = [features(workspace.merged_encoder(key), t) for t in names]
+        results[key] = entry_figures(merged, individual, load_surgery(key, names), names, heads, labels,
+                                     routing.route(merged, params.router))
         if all(results["individual"]["acc"][t] > 0 for t in names):  # the field's normalised accuracy
             for figure in ("acc", "surgery_acc"):
-                out[f"normalized_{figure}"] = metrics.normalized(out[figure], results["individual"]["acc"])
-        results[key] = {k: _with_avg(v) for k, v in out.items()}
-        results[key]["cost"] = {"merge": merge_cost(key), "added_params": {"merge": 0,
-                                                                      "surgery": metrics.parameters(surgery)}}
+                results[key][f"normalized_{figure}"] = _with_avg(metrics.normalized(
+                    {t: results[key][figure][t] for t in names}, results["individual"]["acc"]))
+        results[key]["cost"]["merge"] = merge_cost(key)
         split = getattr(params.merge_entry(key).params, "split", None)
         if split is not None:  # the images a data-using merge learned from: rows of one table may differ
             results[key]["split"] = split
@@ -73,6 +63,51 @@ def evaluate(params: Params) -> dict:
     print(summary_table(results, params.labels()) + note)
     print(f"metrics written to {workspace.METRICS} (per task), {workspace.SUMMARY} (averages) and "
           f"{workspace.ACCURACY_TABLE}")
+    return results
+
+
+SEEDED = ("surgery_acc", "heldout_surgery_acc", "routed_surgery_acc", "surgery_bias")  # one value per seed
+
+
+@torch.no_grad()
+def entry_figures(merged: list[torch.Tensor], individual: list[torch.Tensor], modules: dict, names: list[str],
+                  heads: dict, labels: dict, routes: routing.Routing) -> dict:
+    """One merge entry's figures per task and on average: accuracy without and with surgery
+    (the oracle's on the full split and on the images the router is scored on, and routed),
+    the router's own accuracy, Eq. 1's bias; figures with surgery as the mean over seeds, and
+    their std where there are several."""
+    out = {name: {} for name in ("acc", "heldout_acc", "routed_acc", "router_acc")}
+    pairs = list(zip(merged, individual))  # Eq. 1 without surgery, then with each seed's
+    for t, task in enumerate(names):
+        correct = metrics.correct(merged[t], heads[task], labels[task])
+        out["acc"][task] = 100.0 * correct.float().mean().item()
+        out["heldout_acc"][task] = routes.heldout_accuracy(t, correct)
+        out["routed_acc"][task] = routes.routed_accuracy(t, correct)
+        out["router_acc"][task] = routes.router_accuracy(t)
+    seeds = []
+    for module in modules.values():
+        figures = {name: {} for name in SEEDED}
+        for t, task in enumerate(names):
+            adapted = module(merged[t], t)
+            correct = metrics.correct(adapted, heads[task], labels[task])
+            figures["surgery_acc"][task] = 100.0 * correct.float().mean().item()
+            figures["heldout_surgery_acc"][task] = routes.heldout_accuracy(t, correct)
+            figures["routed_surgery_acc"][task] = routes.routed_accuracy(t, correct)
+            pairs.append((adapted, individual[t]))
+        seeds.append(figures)
+    bias = metrics.biases(pairs)
+    out["bias"] = dict(zip(names, bias[:len(names)]))
+    for s, figures in enumerate(seeds):
+        figures["surgery_bias"] = dict(zip(names, bias[(s + 1) * len(names):(s + 2) * len(names)]))
+    results = {name: _with_avg(values) for name, values in out.items()}
+    for name in SEEDED:
+        mean, std = metrics.over_seeds([_with_avg(figures[name]) for figures in seeds])
+        results[name] = mean
+        if len(seeds) > 1:
+            results[f"{name}_std"] = std
+    first = next(iter(modules.values()))
+    results["surgery"] = {"adapter": first.name, "seeds": list(modules)}
+    results["cost"] = {"added_params": {"merge": 0, "surgery": first.added_parameters()}}
     return results
 
 
@@ -134,17 +169,27 @@ def published_note(family: str, arch: str | None) -> str:
     return f"{family} {info['arch']}: {info['source']}"
 
 
-FIGURES = (("acc", 1), ("surgery_acc", 1), ("bias", 3), ("surgery_bias", 3))  # summary_table's columns
+# summary_table's columns: figure, digits, title
+FIGURES = (("acc", 1, "Avg"), ("surgery_acc", 1, "+ surgery"), ("routed_acc", 1, "routed"),
+           ("routed_surgery_acc", 1, "+ surgery"), ("bias", 3, "bias"), ("surgery_bias", 3, "+ surgery"))
 
 
 def summary_table(results: dict, labels: dict[str, str]) -> str:
     """The averages of every row, narrow enough for a terminal (per task: results/accuracy.md)."""
-    rows = [("Encoder", "Avg", "+ surgery", "bias", "+ surgery")]
+    rows = [("Encoder", *(title for _, _, title in FIGURES))]
     for key, averages in metrics.summary(results).items():
-        cells = [(averages.get(name), digits) for name, digits in FIGURES]
+        cells = [(averages.get(name), digits) for name, digits, _ in FIGURES]
         rows.append((tables.label(key, labels), *("" if v is None else f"{v:.{d}f}" for v, d in cells)))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{r[0]:<{width}}  " + "  ".join(f"{c:>9}" for c in r[1:]) for r in rows)
+
+
+def with_std(r: dict, figure: str, digits: int = 1) -> str:
+    """An average as the field reports it: `mean ± std` over seeds where there are several."""
+    value, std = r.get(figure, {}).get("avg"), r.get(f"{figure}_std", {}).get("avg")
+    if value is None:
+        return ""
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 def published_avg(r: dict, figure: str) -> float | None:
@@ -153,26 +198,38 @@ def published_avg(r: dict, figure: str) -> float | None:
 
 
 def field_table(results: dict, labels: dict[str, str]) -> str:
-    """Each entry's averages as the field reports them, absolute and normalised (% of the
-    individual encoders'), without and with surgery, beside what the merge cost (wall time and
-    peak memory of the method, results/merge-costs/KEY.json) and the parameters surgery adds."""
+    """Each entry's averages as the field reports them: absolute and normalised (% of the
+    individual encoders'), without and with surgery (mean ± std over seeds); routed, without an
+    oracle task id (on the images the router was not fitted on; the oracle there in brackets),
+    and the router's own accuracy; what the merge cost (wall time and peak memory,
+    results/merge-costs/KEY.json) and the parameters surgery adds at inference."""
     entries = {key: r for key, r in results.items() if "surgery_acc" in r}
     published = any("published" in r for r in entries.values())  # a real run: its family's averages
-    lines = ["| method | Avg | normalized | + surgery | normalized | merge time (s) | merge peak (MiB) | "
-             "params added by surgery |" + (" published avg (+ surgery) |" if published else ""),
-             "|---" * (9 if published else 8) + "|"]
+    titles = ["method", "Avg", "normalized", "+ surgery", "normalized", "routed (oracle)", "routed + surgery (oracle)",
+              "router", "merge time (s)", "merge peak (MiB)", "params added by surgery"]
+    titles += ["published avg (+ surgery)"] if published else []
+    lines = ["| " + " | ".join(titles) + " |", "|---" * len(titles) + "|"]
     for key, r in entries.items():
         cost = r["cost"]["merge"] or {}
-        cells = [r["acc"]["avg"], r.get("normalized_acc", {}).get("avg"), r["surgery_acc"]["avg"],
-                 r.get("normalized_surgery_acc", {}).get("avg"), cost.get("wall_s"), cost.get("peak_mib")]
-        line = (f"| {tables.label(key, labels)} | " + " | ".join("" if v is None else f"{v:.1f}" for v in cells)
-                + f" | {r['cost']['added_params']['surgery']:,} |")
+        cells = [with_std(r, "acc"), with_std(r, "normalized_acc"), with_std(r, "surgery_acc"),
+                 with_std(r, "normalized_surgery_acc"),
+                 f"{with_std(r, 'routed_acc')} ({with_std(r, 'heldout_acc')})",
+                 f"{with_std(r, 'routed_surgery_acc')} ({with_std(r, 'heldout_surgery_acc')})",
+                 with_std(r, "router_acc"), *("" if v is None else f"{v:.1f}" for v in (cost.get("wall_s"),
+                                                                                     cost.get("peak_mib"))),
+                 f"{r['cost']['added_params']['surgery']:,}"]
         if published:
             merged, surgery = (published_avg(r, figure) for figure in ("acc", "surgery_acc"))
-            line += (f" {merged:.1f}" if merged is not None else "") + (
-                f" ({surgery:.1f})" if surgery is not None else "") + " |"
-        lines.append(line)
+            cells.append((f"{merged:.1f}" if merged is not None else "")
+                         + (f" ({surgery:.1f})" if surgery is not None else ""))
+        lines.append(f"| {tables.label(key, labels)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def adapter_label(r: dict) -> str:
+    """How a table names an entry's adapter: the paper's is `surgery`, lower case, as always."""
+    name = r.get("surgery", {}).get("adapter", "surgery")
+    return "surgery" if name == "surgery" else adapters.get(name).label
 
 
 def accuracy_table(results: dict, names: list[str], labels: dict[str, str]) -> str:
@@ -180,10 +237,13 @@ def accuracy_table(results: dict, names: list[str], labels: dict[str, str]) -> s
     entry with surgery; the published average of the run's checkpoint family where there is one."""
     rows = [{"method": key, "setting": "", **r["acc"], "bias": r.get("bias", {}).get("avg"),
              "split": r.get("split"), "published": published_avg(r, "acc")} for key, r in results.items()]
-    rows += [{"method": key, "setting": "", "label": f"{labels[key]} + surgery", **r["surgery_acc"],
-              "bias": r["surgery_bias"]["avg"], "split": r.get("split"), "published": published_avg(r, "surgery_acc")}
+    rows += [{"method": key, "setting": "", "label": f"{labels[key]} + {adapter_label(r)}", **r["surgery_acc"],
+              "bias": r["surgery_bias"]["avg"], "split": r.get("split"), "published": published_avg(r, "surgery_acc"),
+              "std": r.get("surgery_acc_std", {}).get("avg")}
              for key, r in results.items() if "surgery_acc" in r]
     extra = {"bias": ("bias avg", 3)}
+    if any(r.get("std") is not None for r in rows):
+        extra["std"] = ("± std over seeds (Avg)", 1)
     if any(r["published"] is not None for r in rows):
         extra["published"] = ("published avg", 1)
     extra["split"] = ("merge learned on", None)

@@ -35,12 +35,21 @@ def _label_of_defaults(method) -> str:
 
 
 def adapters(_params: Path | None) -> str:
-    from pipeline.config import LOSSES, Surgery
+    from pipeline.config import LOSSES, AnalysisSurgery, Router, Surgery
+    from pipeline.surgery import adapters as registry
 
-    return ("surgery: one adapter per task on the merged features, z_hat = z - W_up ReLU(W_down z)\n"
-            "    (W_down: rank x d, W_up: d x rank, zero at the start: identity)\n"
-            f"losses (surgery.loss): {', '.join(LOSSES)}\n"
-            f"params `surgery` and `analyses.surgery`: {', '.join(Surgery.model_fields)}")
+    lines = []
+    for name, cls in registry.available().items():
+        fields = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
+        lines.append(f"{name}: {cls.label}{' (one module for every task)' if cls.SHARED else ''}")
+        doc = " ".join((sys.modules[cls.__module__].__doc__ or "").split())
+        lines += textwrap.wrap(f"{cls.__module__}; params (`adapters.{name}`): {fields or 'none'}. {doc}", WIDTH,
+                               initial_indent="    ", subsequent_indent="      ")
+    lines += [f"losses (surgery.loss): {', '.join(LOSSES)}",
+              f"params `surgery`: {', '.join(Surgery.model_fields)}; `analyses.surgery`: "
+              f"{', '.join(AnalysisSurgery.model_fields)}",
+              f"params `router` (no oracle task id): {', '.join(Router.model_fields)}"]
+    return "\n".join(lines)
 
 
 def tasks(_params: Path | None) -> str:

@@ -1,7 +1,7 @@
-"""Stage `surgery`: every merge entry's per-task adapters, trained on cached features only,
-side by side in one process (each entry's adapters exactly as if trained alone). The outputs
-persist: an entry whose features, tasks and surgery settings are unchanged keeps its adapters,
-so changing one merge entry retrains only that entry."""
+"""Stage `surgery`: every merge entry's adapters (params `surgery.adapter`), once per seed,
+trained on cached features only, side by side in one process (each entry's adapters exactly
+as if trained alone). The outputs persist: an entry whose features, tasks and surgery settings
+are unchanged keeps its adapters, so changing one merge entry retrains only that entry."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +10,7 @@ from pipeline import provenance, workspace
 from pipeline.config import Params
 from pipeline.errors import PipelineError
 from pipeline.features.stores import open_features
-from pipeline.surgery.adapters import inputs_digest, save_surgery, trained_inputs
+from pipeline.surgery.checkpoints import inputs_digest, save_surgery, trained_inputs
 from pipeline.surgery.training import train_groups
 from stages.common import progress
 
@@ -21,7 +21,8 @@ def inputs_of(stores: dict[str, list], individual: list, params: Params) -> dict
     def named(encoder: str, opened: list) -> dict[str, str]:
         return {f"{encoder}/{t}": store.attrs["sha256"] for t, store in zip(params.tasks, opened)}
 
-    shared = {"tasks": params.tasks, "surgery": params.surgery.model_dump(), "code": provenance.digest([__name__])}
+    shared = {"tasks": params.tasks, "surgery": params.surgery.model_dump(),
+              "adapter": params.adapter_params(params.surgery.adapter), "code": provenance.digest([__name__])}
     targets = named("individual", individual)
     return {key: inputs_digest(**shared, stores={**named(workspace.merged_encoder(key), opened), **targets})
             for key, opened in stores.items()}
@@ -48,14 +49,21 @@ def run_surgery(params: Params, device: torch.device, keys: list[str] | None = N
         def read(opened: list) -> list[torch.Tensor]:
             return [torch.from_numpy(store.to_numpy()) for store in opened]
 
-        trained = train_groups([read(stores[key]) for key, _ in stale], read(individual), **cfg.model_dump(),
-                               device=device, progress=lambda it: progress(it, desc=f"surgery of {len(stale)} entries"))
-        for (key, digest), (module, curve) in zip(stale, trained):
-            path = save_surgery(key, module, tasks=params.tasks, inputs=digest)
-            workspace.write_json(workspace.surgery_info(key), {"tasks": params.tasks, "rank": cfg.rank,
-                                                               "loss_first": curve[0], "loss_last": curve[-1]})
-            print(f"surgery {key}: {len(params.tasks)} tasks, rank {cfg.rank}, loss {curve[0]:.4f} -> {curve[-1]:.4f}"
-                  f"\n  -> {path}")
+        merged, targets = [read(stores[key]) for key, _ in stale], read(individual)
+        by_seed = {seed: train_groups(merged, targets, **params.training(cfg), seed=seed, device=device,
+                                      progress=lambda it: progress(it, desc=f"{cfg.adapter} of {len(stale)} entries"
+                                                                   + (f", seed {seed}" if len(cfg.seeds) > 1 else "")))
+                   for seed in cfg.seeds}
+        for i, (key, digest) in enumerate(stale):
+            path = save_surgery(key, {seed: trained[i][0] for seed, trained in by_seed.items()}, tasks=params.tasks,
+                                inputs=digest)
+            curves = {seed: trained[i][1] for seed, trained in by_seed.items()}
+            workspace.write_json(workspace.surgery_info(key), {
+                "tasks": params.tasks, "adapter": cfg.adapter, "rank": cfg.rank,
+                "loss": {seed: {"first": c[0], "last": c[-1]} for seed, c in curves.items()}})
+            losses = ", ".join(f"{c[0]:.4f} -> {c[-1]:.4f}" for c in curves.values())
+            print(f"surgery {key}: {cfg.adapter}, {len(params.tasks)} tasks, rank {cfg.rank}, "
+                  f"{'loss' if len(curves) == 1 else 'losses by seed'} {losses}\n  -> {path}")
     prune(params)
 
 

@@ -50,7 +50,9 @@ def test_sweep_tables_have_baselines_then_each_method_without_and_with_every_set
 def test_sweeps_reproduce_the_pipelines_surgery_at_its_own_settings(world):
     """At the pipeline's settings (the tiny world's analyses study the same ones), r=4, L1, 100% of
     the data and the curve's last step are exactly the pipeline's surgery."""
-    assert TINY["analyses"]["surgery"] == TINY["surgery"]
+    assert TINY["surgery"]["adapter"] == "surgery" and TINY["surgery"]["seeds"] == [TINY["analyses"]["surgery"]["seed"]]
+    assert TINY["analyses"]["surgery"] == {k: v for k, v in TINY["surgery"].items() if k not in ("adapter", "seeds")} \
+        | {"seed": TINY["surgery"]["seeds"][0]}  # the analyses' adapter: the paper's, by default
     metrics = json.loads((world / "results" / "metrics.json").read_text())
     rank, ratio, loss = read(world, "rank"), read(world, "data-ratio"), read(world, "loss")
     curve, steps = read(world, "curve"), TINY["analyses"]["surgery"]["steps"]
@@ -63,6 +65,31 @@ def test_sweeps_reproduce_the_pipelines_surgery_at_its_own_settings(world):
                 without = (curve, "step 0") if name == "curve" else (rows, "")
                 assert cell(*without[:1], method, without[1], task) == pytest.approx(metrics[method]["acc"][task],
                                                                                        abs=0.01)
+
+
+def test_adapters_are_compared_with_the_oracle_and_routed_as_the_pipeline_scores_them(world):
+    """Every registered adapter (and none) on each entry, three ways: the oracle's task id on the
+    full split, routed, and the oracle on the images the router is scored on; the paper's
+    surgery and no surgery there are exactly the pipeline's figures (same settings, router)."""
+    from pipeline.surgery import adapters
+
+    rows, metrics = read(world, "adapters"), json.loads((world / "results" / "metrics.json").read_text())
+    titles = ["no surgery", *(cls.label for cls in adapters.available().values())]
+    modes = ["oracle", "routed", "oracle, same images"]
+    assert {(r["method"], r["setting"]) for r in rows} == {(m, f"{t}, {mode}") for m in analysed("adapters")
+                                                           for t in titles for mode in modes}
+    figures = {"no surgery, oracle": "acc", "no surgery, routed": "routed_acc",
+               "no surgery, oracle, same images": "heldout_acc", "Surgery, oracle": "surgery_acc",
+               "Surgery, routed": "routed_surgery_acc", "Surgery, oracle, same images": "heldout_surgery_acc"}
+    for method in analysed("adapters"):
+        for setting, figure in figures.items():
+            for task in TASKS:
+                assert cell(rows, method, setting, task) == pytest.approx(metrics[method][figure][task], abs=0.01)
+        for title in titles:  # without the oracle, never better than with it on the same images
+            assert cell(rows, method, f"{title}, routed") <= cell(rows, method, f"{title}, oracle, same images")
+    summary = (world / "results" / "analyses" / "adapters" / "summary.md").read_text().splitlines()
+    assert len(summary) == 2 + len(analysed("adapters")) and all(f"{t} (routed)" in summary[0] for t in titles)
+    assert (world / "results" / "analyses" / "adapters" / "figure.png").stat().st_size > 1000
 
 
 def test_curve_is_evaluated_every_n_steps(world):

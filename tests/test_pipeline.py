@@ -23,9 +23,14 @@ def test_repro_writes_metrics_for_every_method_and_task(world):
     assert list(metrics) == ["pretrained", "individual", "mtl", *METHODS]  # mtl: miniature world only
     individual = metrics["individual"]["acc"]
     for method in METHODS:
-        figures = {k: v for k, v in metrics[method].items() if k not in ("split", "cost")}
+        figures = {k: v for k, v in metrics[method].items() if k not in ("split", "cost", "surgery")}
         assert set(figures) == {"acc", "surgery_acc", "bias", "surgery_bias", "normalized_acc",
-                                "normalized_surgery_acc"}
+                                "normalized_surgery_acc", "routed_acc", "routed_surgery_acc", "router_acc",
+                                "heldout_acc", "heldout_surgery_acc"}  # one seed: no std
+        assert metrics[method]["surgery"] == {"adapter": TINY["surgery"]["adapter"], "seeds": TINY["surgery"]["seeds"]}
+        # without the oracle's task id, never better than with it on the same images
+        assert figures["routed_acc"]["avg"] <= figures["heldout_acc"]["avg"]
+        assert figures["routed_surgery_acc"]["avg"] <= figures["heldout_surgery_acc"]["avg"]
         for table in figures.values():
             assert set(table) == {*TINY["tasks"], "avg"}
         for figure in ("acc", "surgery_acc"):  # the field's normalised accuracy: % of the individual encoders'
@@ -42,7 +47,8 @@ def test_repro_writes_metrics_for_every_method_and_task(world):
     assert 0 <= metrics["individual"]["acc"]["avg"] <= 100
     summary = json.loads((world / "results" / "summary.json").read_text())  # what `dvc metrics` shows
     assert summary == {key: {name: values["avg"] for name, values in figures.items()
-                             if name in ("acc", "surgery_acc", "bias", "surgery_bias")} for key, figures in metrics.items()}
+                             if name in ("acc", "surgery_acc", "bias", "surgery_bias", "routed_acc",
+                                         "routed_surgery_acc")} for key, figures in metrics.items()}
 
 
 def test_tasks_the_individual_or_zero_shot_encoders_get_at_chance_are_flagged_loudly(world, tmp_path):
@@ -139,7 +145,7 @@ def test_rank_experiment_reruns_only_surgery_and_evaluation(world, tmp_path):
     assert ran == {"check", "surgery", "evaluate", "analyses"}, done.stdout  # check: first, on every run
     # only the bias analysis reads the pipeline's results; the others study `analyses.surgery`
     assert "analysis bias: " in done.stdout and "analysis bias: up to date" not in done.stdout
-    for name in ("baselines", "rank", "loss", "data-ratio", "online", "curve", "tsne"):
+    for name in ("baselines", "rank", "loss", "data-ratio", "online", "curve", "adapters", "tsne"):
         assert f"analysis {name}: up to date" in done.stdout, name
     # `dvc metrics diff` leads with the averages (one row per entry and figure); per task on request
     diff = json.loads(run([str(BIN / "dvc"), "metrics", "diff", "--json"], project).stdout)
@@ -151,6 +157,29 @@ def test_rank_experiment_reruns_only_surgery_and_evaluation(world, tmp_path):
                               project).stdout)["results/metrics.json"]
     assert f"weight_averaging.surgery_acc.{TINY['tasks'][0]}" in per_task
     run([str(BIN / "dvc"), "exp", "apply", "--help"], project)  # dvc exp tooling is usable
+
+
+def test_several_seeds_give_the_mean_and_std_of_what_each_seed_gives(world, tmp_path):
+    project = copy_project(world, tmp_path / "copy")
+    seed0 = json.loads((world / "results" / "metrics.json").read_text())["task_arithmetic"]
+    got = {}
+    for seeds in ([0, 1], [1]):
+        params_with(project, project / "seeds.yaml", surgery__seeds=seeds)
+        cli(project, "surgery", "task_arithmetic", "--params", "seeds.yaml", check=True)
+        cli(project, "evaluate", "--params", "seeds.yaml", check=True)
+        got[len(seeds)] = json.loads((project / "results" / "metrics.json").read_text())["task_arithmetic"]
+        if len(seeds) == 2:
+            summary = json.loads((project / "results" / "summary.json").read_text())["task_arithmetic"]
+            table = (project / "results" / "accuracy.md").read_text()
+    both, seed1 = got[2], got[1]
+    assert both["surgery"]["seeds"] == [0, 1] and "surgery_acc_std" not in seed1  # one seed: no std column
+    for figure in ("surgery_acc", "routed_surgery_acc", "heldout_surgery_acc", "surgery_bias"):
+        for key, value in both[figure].items():
+            assert value == pytest.approx((seed0[figure][key] + seed1[figure][key]) / 2, abs=2e-4)
+            assert both[f"{figure}_std"][key] == pytest.approx(abs(seed0[figure][key] - seed1[figure][key]) / 2,
+                                                               abs=2e-4)
+    assert summary["surgery_acc_std"] == both["surgery_acc_std"]["avg"] and "acc_std" not in summary
+    assert f"{both['surgery_acc']['avg']:.1f} ± {both['surgery_acc_std']['avg']:.1f}" in table
 
 
 def test_unknown_merge_entry_is_refused_with_the_valid_names(world):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.surgery.training import Surgery, loss_fn, train
+from pipeline.surgery.adapters.surgery import Surgery
+from pipeline.surgery.training import loss_fn, train
 
 
 def test_surgery_is_the_identity_at_initialisation():
@@ -62,18 +63,20 @@ def test_unknown_loss_is_refused():
         loss_fn("huber")
 
 
+@pytest.mark.parametrize("adapter", ["surgery", "prob_surgery", "shared_surgery"])
 @pytest.mark.parametrize("optimiser", ["per_task", "shared"])
-def test_methods_trained_side_by_side_equal_each_trained_alone_bit_for_bit(optimiser):
+def test_methods_trained_side_by_side_equal_each_trained_alone_bit_for_bit(optimiser, adapter):
     from pipeline.surgery.training import train_groups
 
     g = torch.Generator().manual_seed(3)
     individual = [torch.randn(n, 12, generator=g) for n in (50, 30)]
     merged_sets = [[torch.randn(n, 12, generator=g) for n in (50, 30)] for _ in range(3)]
-    settings = dict(rank=4, lr=1e-2, steps=25, batch_size=8, loss="l1", seed=1, optimiser=optimiser)
+    settings = dict(rank=4, lr=1e-2, steps=25, batch_size=8, loss="l1", seed=1, optimiser=optimiser, adapter=adapter)
     together = train_groups(merged_sets, individual, **settings)
     for merged, (module, curve) in zip(merged_sets, together):
         alone, alone_curve = train(merged, individual, **settings)
-        assert torch.equal(module.down, alone.down) and torch.equal(module.up, alone.up)
+        assert module.weights().keys() == alone.weights().keys()
+        assert all(torch.equal(w, alone.weights()[name]) for name, w in module.weights().items())
         assert curve == alone_curve
 
 

@@ -19,18 +19,18 @@ from typing import Callable
 import torch
 
 from cache.files import sha256_file
-from pipeline import provenance, workspace
-from pipeline.config import Params, Surgery
+from pipeline import provenance, routing, workspace
+from pipeline.config import AnalysisSurgery, Params
 from pipeline.errors import PipelineError
 from pipeline.features.stores import read_features, read_labels
 from pipeline.models.checkpoints import load_heads
 from pipeline.reporting import figures, metrics, tables, tsne
-from pipeline.surgery import sweeps
+from pipeline.surgery import adapters, sweeps
 
 OUT = workspace.ANALYSES
-ANALYSES = ("baselines", "rank", "loss", "data-ratio", "online", "curve", "bias", "tsne")
+ANALYSES = ("baselines", "rank", "loss", "data-ratio", "online", "curve", "adapters", "bias", "tsne")
 LOSS_NAMES = {"l1": "L1", "mse": "MSE", "smooth_l1": "SmoothL1", "cosine": "Neg. cosine"}
-SURGERY_KEYS = tuple(Surgery.model_fields)
+SURGERY_KEYS = tuple(AnalysisSurgery.model_fields)
 
 
 class Context:
@@ -62,7 +62,8 @@ class Context:
     def surgery(self, *, without: str | None = None) -> dict:
         """The analyses' surgery settings (`analyses.surgery`, minus the swept one) for training."""
         cfg = self.params.analyses.surgery.model_dump()
-        return {**{k: cfg[k] for k in SURGERY_KEYS if k != without}, "device": self.device}
+        return {**{k: cfg[k] for k in SURGERY_KEYS if k != without}, "device": self.device,
+                "adapter_params": self.params.adapter_params(cfg["adapter"])}
 
     def features(self, encoder: str) -> list[torch.Tensor]:
         """Features of `individual`, `pretrained`, `mtl`, or a merge entry (by its key)."""
@@ -231,6 +232,49 @@ def run_curve(ctx: Context) -> Path:
     return out
 
 
+def run_adapters(ctx: Context) -> Path:
+    """Surgery without an oracle task id: every adapter of `analyses.adapters` (and none) on
+    each entry, trained at the analyses' setting, scored with the oracle's task id (full split)
+    and routed (params `router`: on the images the router was not fitted on). table.md has every
+    task; summary.md the averages, one row per entry."""
+    names = ctx.params.adapter_names()
+    base, datas = ctx.surgery(without="adapter"), ctx.tasksets()
+    trained = {a: sweeps.trained(datas, {**base, "adapter": a, "adapter_params": ctx.params.adapter_params(a)})
+               for a in ctx.progress(names, desc="adapters, every method at once", unit="adapter")}
+    titles = {None: "no surgery", **{a: adapters.get(a).label for a in names}}
+    rows, averages = [], {}
+    for m, method in enumerate(ctx.methods):
+        routes = routing.route(ctx.features(method), ctx.params.router)
+        for adapter, title in titles.items():
+            correct = sweeps.correct(datas[m], None if adapter is None else trained[adapter][m])
+            for mode, accs in (("oracle", [100.0 * c.float().mean().item() for c in correct]),
+                               ("routed", [routes.routed_accuracy(t, c) for t, c in enumerate(correct)]),
+                               ("oracle, same images", [routes.heldout_accuracy(t, c) for t, c in enumerate(correct)])):
+                rows.append(tables.row(method, f"{title}, {mode}", ctx.names, accs))
+                averages.setdefault(method, {})[f"{title} ({mode})"] = rows[-1]["avg"]
+        averages[method]["router"] = round(sum(map(routes.router_accuracy, range(len(ctx.names)))) / len(ctx.names), 2)
+    out = _write(ctx, "adapters", rows)
+    (out / "summary.md").write_text(adapters_summary(ctx, averages, list(titles.values())))
+    (out / "summary.csv").write_text(tables.to_csv([{"method": m, **v} for m, v in averages.items()]))
+    series = {f"{t} ({mode})": [averages[m][f"{t} ({mode})"] for m in ctx.methods]
+              for t in titles.values() for mode in ("oracle", "routed")}
+    figures.bars([ctx.label(m) for m in ctx.methods], series, out / "figure", ylabel="Avg. accuracy (%)",
+                 title=f"Adapters with the oracle task id and routed ({ctx.params.router.method} router)")
+    return out
+
+
+def adapters_summary(ctx: Context, averages: dict, titles: list[str]) -> str:
+    """One row per entry: each adapter's average with the oracle (full split) and routed (the
+    oracle on the same images in brackets), and the router's own accuracy."""
+    head = [f"{t} ({mode})" for t in titles for mode in ("oracle", "routed")] + ["router"]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for method, v in averages.items():
+        cells = [f"{v[f'{t} (oracle)']:.1f} | {v[f'{t} (routed)']:.1f} ({v[f'{t} (oracle, same images)']:.1f})"
+                 for t in titles]
+        lines.append(f"| {ctx.label(method)} | " + " | ".join(cells) + f" | {v['router']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def run_bias(ctx: Context) -> Path:
     """Fig. 2/5: Eq. 1 per task, without and with surgery, for every method (from evaluate's
     results/metrics.json, which computes it on the cached features)."""
@@ -289,13 +333,13 @@ def run_tsne(ctx: Context) -> Path:
 
 
 RUNNERS = {"baselines": run_baselines, "rank": run_rank, "loss": run_loss, "data-ratio": run_data_ratio,
-           "online": run_online, "curve": run_curve, "bias": run_bias, "tsne": run_tsne}
+           "online": run_online, "curve": run_curve, "adapters": run_adapters, "bias": run_bias, "tsne": run_tsne}
 
 
 # The surgery settings each analysis trains with (the others it sweeps, or reads no surgery).
 SURGERY_READ = {"rank": [k for k in SURGERY_KEYS if k != "rank"], "loss": [k for k in SURGERY_KEYS if k != "loss"],
                 "data-ratio": list(SURGERY_KEYS), "curve": list(SURGERY_KEYS), "online": ["rank", "lr", "loss"],
-                "tsne": list(SURGERY_KEYS)}
+                "tsne": list(SURGERY_KEYS), "adapters": [k for k in SURGERY_KEYS if k != "adapter"]}
 # The feature stores of analyses that read others than the individual and their entries' ones.
 STORES_READ = {"baselines": list(tables.BASELINES), "bias": []}
 # Files whose content an analysis reads besides the feature stores, heads and labels.
@@ -317,6 +361,10 @@ def identity(name: str, ctx: Context) -> str:
     parts = {"name": name, "tasks": ctx.names, "methods": {m: ctx.label(m) for m in ctx.methods}, "stores": stores,
              "settings": getattr(ctx.params.analyses, name.replace("-", "_"), None),
              "surgery": {k: getattr(ctx.params.analyses.surgery, k) for k in SURGERY_READ.get(name, [])},
+             "adapters": {a: ctx.params.adapter_params(a) for a in (
+                 ctx.params.adapter_names() if name == "adapters" else
+                 [ctx.params.analyses.surgery.adapter] if "adapter" in SURGERY_READ.get(name, []) else [])},
+             "router": ctx.params.router if name == "adapters" else None,
              "world": ctx.params.is_world, "code": provenance.digest([__name__]),
              "files": {str(p): sha256_file(p).hexdigest() if p.exists() else None
                        for p in [workspace.HEADS, *sorted(workspace.LABELS.glob("*.json")), *read]}}

@@ -9,12 +9,25 @@ from pipeline.models.heads import logits
 
 
 @torch.no_grad()
-def accuracy(features: torch.Tensor, head: torch.Tensor, labels: np.ndarray, batch: int = 8192) -> float:
-    """Top-1 accuracy in percent."""
+def correct(features: torch.Tensor, head: torch.Tensor, labels: np.ndarray, batch: int = 8192) -> torch.Tensor:
+    """Whether each image's top-1 prediction is its label (a bool per row)."""
     labels = torch.as_tensor(labels)
-    correct = sum((logits(features[i:i + batch], head).argmax(1) == labels[i:i + batch]).sum().item()
-                  for i in range(0, len(features), batch))
-    return 100.0 * correct / len(features)
+    return torch.cat([logits(features[i:i + batch], head).argmax(1).cpu() == labels[i:i + batch]
+                      for i in range(0, len(features), batch)])
+
+
+def accuracy(features: torch.Tensor, head: torch.Tensor, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * correct(features, head, labels).float().mean().item()
+
+
+def over_seeds(values: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and standard deviation (population: 0 for one seed) of a figure over seeds, per key
+    (the tasks and `avg`: the std of the seeds' averages, as the field reports it)."""
+    keys = values[0]
+    stacked = {k: np.array([v[k] for v in values], dtype=np.float64) for k in keys}
+    return ({k: round(float(a.mean()), 4) for k, a in stacked.items()},
+            {k: round(float(a.std()), 4) for k, a in stacked.items()})
 
 
 NEAR_CHANCE = 0.1  # within this share of the way from chance (100 / classes) to 100 %
@@ -44,17 +57,14 @@ def normalized(accuracy: dict[str, float], individual: dict[str, float]) -> dict
     return {t: 100.0 * accuracy[t] / individual[t] for t in accuracy}
 
 
-def parameters(module: torch.nn.Module) -> int:
-    """What a module adds to the merged encoder, in parameters (surgery: its adapters)."""
-    return sum(p.numel() for p in module.parameters())
-
-
-SUMMARY = ("acc", "surgery_acc", "bias", "surgery_bias")  # summary.json's figures: `dvc exp show` stays narrow
+# summary.json's figures (`dvc exp show` stays narrow); with several seeds also their `_std`
+SUMMARY = ("acc", "surgery_acc", "bias", "surgery_bias", "routed_acc", "routed_surgery_acc")
 
 
 def summary(results: dict) -> dict:
     """metrics.json's averages only (entry -> figure -> its `avg`): one column per figure and
     entry, so `dvc exp show` and `dvc metrics diff` stay readable; per-task figures stay in
     metrics.json."""
-    return {key: {name: values["avg"] for name, values in figures.items() if name in SUMMARY and "avg" in values}
+    return {key: {name: values["avg"] for name, values in figures.items()
+                  if name.removesuffix("_std") in SUMMARY and "avg" in values}
             for key, figures in results.items()}

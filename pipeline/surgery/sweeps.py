@@ -14,7 +14,9 @@ import torch
 
 from pipeline.reporting import metrics
 from pipeline.errors import PipelineError
-from pipeline.surgery.training import Surgery, adam, loss_fn, train_groups
+from pipeline.surgery.adapters import Adapter
+from pipeline.surgery.adapters.surgery import Surgery
+from pipeline.surgery.training import adam, loss_fn, train_groups
 
 
 @dataclass
@@ -26,18 +28,23 @@ class TaskSet:
     labels: list[np.ndarray]        # test labels per task (evaluation only, never training)
 
 
-def accuracies(data: TaskSet, module: Surgery | None = None) -> list[float]:
-    """Top-1 accuracy (%) per task on the full test features, with `module`'s surgery if given."""
+def correct(data: TaskSet, module: Adapter | None = None) -> list[torch.Tensor]:
+    """Per task, whether each test image is classified right (with `module`'s surgery if given)."""
     out = []
     for t, (z, head, labels) in enumerate(zip(data.merged, data.heads, data.labels)):
         if module is not None:
             with torch.no_grad():
-                z = module(z.to(module.down_t.device), t).cpu()
-        out.append(metrics.accuracy(z, head, labels))
+                z = module(z.to(next(module.parameters()).device), t).cpu()
+        out.append(metrics.correct(z, head, labels))
     return out
 
 
-def trained(datas: list[TaskSet], settings: dict, on_step=None) -> list[Surgery]:
+def accuracies(data: TaskSet, module: Adapter | None = None) -> list[float]:
+    """Top-1 accuracy (%) per task on the full test features, with `module`'s surgery if given."""
+    return [100.0 * c.float().mean().item() for c in correct(data, module)]
+
+
+def trained(datas: list[TaskSet], settings: dict, on_step=None) -> list[Adapter]:
     """Every method's adapters under `settings` (rank, lr, steps, batch_size, loss, seed),
     trained side by side (each exactly as alone)."""
     return [module for module, _ in train_groups([d.merged for d in datas], datas[0].individual, on_step=on_step,
@@ -84,7 +91,7 @@ def curve(datas: list[TaskSet], base: dict, eval_every: int) -> list[dict[int, l
         raise PipelineError(f"analyses.curve.eval_every must be a positive integer, got {eval_every}")
     points = [{0: accuracies(d)} for d in datas]
 
-    def on_step(step: int, modules: list[Surgery]) -> None:
+    def on_step(step: int, modules: list[Adapter]) -> None:
         if step % eval_every == 0 or step == base["steps"]:
             for d, module, out in zip(datas, modules, points):
                 out[step] = accuracies(d, module)

@@ -1,4 +1,4 @@
-"""Representation Surgery: per-task adapters z_hat = z - W_up ReLU(W_down z).
+"""Training surgery adapters (any registered one: pipeline/surgery/adapters/).
 
 Trained only on cached features: the merged encoder's feature z and the task's individual
 encoder feature as a constant target, unlabeled test images, Adam. The tasks' adapters are
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from pipeline.config import LOSSES
 from pipeline.errors import PipelineError
-from pipeline.surgery.adapters import Surgery
+from pipeline.surgery import adapters
+from pipeline.surgery.adapters import Adapter
 
 
 def loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -109,15 +110,16 @@ def adam(params, lr: float) -> torch.optim.Adam:
 
 def fit(fetch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *, n_tasks: int, dim: int, rank: int,
         lr: float, steps: int, loss: str = "l1", seed: int = 0, device: torch.device | str = "cpu",
-        copies: int = 1, optimiser: str = "per_task", progress: Callable = lambda it: it,
-        on_step: Callable[[int, Surgery], None] | None = None) -> tuple[Surgery, list[list[float]]]:
+        copies: int = 1, optimiser: str = "per_task", adapter: str = "surgery", adapter_params: dict | None = None,
+        progress: Callable = lambda it: it, on_step: Callable[[int, Adapter], None] | None = None
+        ) -> tuple[Adapter, list[list[float]]]:
     """Train adapters on the (copies * T, B, d) feature pairs `fetch(step)` returns: from cached
     stores (`train`), or from running the encoders on images (the reference way, which the
     benchmark times against it). The loss is a sum of per-lane means and Adam is elementwise,
     so every lane trains exactly as it would alone. Returns the module and, per copy, the
     mean loss over its T lanes at every step."""
     criterion = loss_fn(loss)
-    module = Surgery(n_tasks, dim, rank, seed, copies).to(device)
+    module = adapters.get(adapter)(n_tasks, dim, rank, seed, copies, **(adapter_params or {})).to(device)
     if optimiser == "shared":
         return _fit_shared(module, fetch, criterion, n_tasks=n_tasks, lr=lr, steps=steps, copies=copies,
                            progress=progress, on_step=on_step)
@@ -125,7 +127,7 @@ def fit(fetch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *, n_tasks: i
     curve = []
     for step in progress(range(steps)):
         z, target = fetch(step)
-        lanes = criterion(module(z), target)
+        lanes = module.loss(z, target, criterion)
         optimiser.zero_grad(set_to_none=True)
         lanes.sum().backward()
         optimiser.step()
@@ -135,13 +137,14 @@ def fit(fetch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], *, n_tasks: i
     return module.cpu(), torch.stack(curve, 1).tolist()
 
 
-def _fit_shared(module: Surgery, fetch, criterion, *, n_tasks: int, lr: float, steps: int, copies: int, progress,
-                on_step) -> tuple[Surgery, list[list[float]]]:
+def _fit_shared(module: Adapter, fetch, criterion, *, n_tasks: int, lr: float, steps: int, copies: int, progress,
+                on_step) -> tuple[Adapter, list[list[float]]]:
     """The reference's loop: per turn, each task in order takes VISIT steps, and every step is
     one SharedAdam step over all lanes. Each copy (merge method) is still its own problem: its
     lanes are stepped exactly as if it were trained alone."""
-    adam = SharedAdam([module.down_t, module.up_t], lr)
-    lane_task = torch.arange(len(module.down_t), device=module.down_t.device) % n_tasks
+    adam = SharedAdam(list(module.parameters()), lr)
+    lanes_in_all = copies * n_tasks
+    lane_task = torch.arange(lanes_in_all, device=adam.params[0].device) % n_tasks
     losses = torch.zeros(copies, steps)
     turns = math.ceil(steps / VISIT)
     for turn in progress(range(turns)):
@@ -149,9 +152,9 @@ def _fit_shared(module: Surgery, fetch, criterion, *, n_tasks: int, lr: float, s
             active = lane_task == t
             for step in range(turn * VISIT, min((turn + 1) * VISIT, steps)):
                 z, target = fetch(step)
-                lanes = criterion(module(z[active], lanes=active), target[active])
+                lanes = module.loss(z[active], target[active], criterion, lanes=active)
                 lanes.sum().backward()
-                adam.step(active)
+                adam.step(module.rows(active))
                 losses[:, step] += lanes.detach().cpu() / n_tasks
         if on_step is not None:
             on_step(min((turn + 1) * VISIT, steps), module)
@@ -162,9 +165,10 @@ Features = list[torch.Tensor]  # (N_t, d) per task
 
 
 def train_groups(merged_sets: list[Features], individual: Features, *, rank: int, lr: float, steps: int, batch_size: int,
-                 loss: str = "l1", seed: int = 0, optimiser: str = "per_task", device: torch.device | str = "cpu",
-                 progress: Callable = lambda it: it, on_step: Callable[[int, list[Surgery]], None] | None = None
-                 ) -> list[tuple[Surgery, list[float]]]:
+                 loss: str = "l1", seed: int = 0, optimiser: str = "per_task", adapter: str = "surgery",
+                 adapter_params: dict | None = None, device: torch.device | str = "cpu",
+                 progress: Callable = lambda it: it, on_step: Callable[[int, list[Adapter]], None] | None = None
+                 ) -> list[tuple[Adapter, list[float]]]:
     """Train several independent sets of adapters (one per merge method: its merged features)
     toward the same individual targets, as one batched problem. Each set comes out bitwise as
     if `train` had trained it alone, in a fraction of the time."""
@@ -195,11 +199,11 @@ def train_groups(merged_sets: list[Features], individual: Features, *, rank: int
 
     hook = None if on_step is None else (lambda step, module: on_step(step, module.split(len(merged_sets))))
     module, curves = fit(fetch, n_tasks=len(sizes), dim=merged.shape[1], rank=rank, lr=lr, steps=steps, loss=loss,
-                        seed=seed, device=device, copies=len(merged_sets), optimiser=optimiser, progress=progress,
-                        on_step=hook)
+                        seed=seed, device=device, copies=len(merged_sets), optimiser=optimiser, adapter=adapter,
+                        adapter_params=adapter_params, progress=progress, on_step=hook)
     return list(zip(module.split(len(merged_sets)), curves))
 
 
-def train(merged: Features, individual: Features, **settings) -> tuple[Surgery, list[float]]:
+def train(merged: Features, individual: Features, **settings) -> tuple[Adapter, list[float]]:
     """Train all tasks' adapters on cached features (lists of (N_t, d) tensors, one per task)."""
     return train_groups([merged], individual, **settings)[0]

@@ -33,7 +33,14 @@ ARCHS = {
 # preset prefix -> the checkpoint family it reads (pipeline/assets/published.json)
 FAMILIES = {"paper": "fusionbench", "paper-ta": "task_arithmetic"}
 PAPER_PRESETS = {f"{prefix}-{arch}": (family, arch) for prefix, family in FAMILIES.items() for arch in ARCHS}
-PRESETS = ("world", *PAPER_PRESETS)
+# `world-full`: the default world with what does not fit its five-minute run: three surgery seeds, and
+# every adapter compared on every merge entry with the oracle and routed (docs/no-oracle.md)
+WORLD_FULL = {  # the start of a line -> what replaces that start
+    "  seeds: [0]    ": "  seeds: [0, 1, 2]",
+    "    methods: [task_arithmetic, lw_adamerging]       # the preset world-full: every entry":
+        "    methods: []                                     # every entry",
+}
+PRESETS = ("world", "world-full", *PAPER_PRESETS)
 
 PAPER_HEADER = """\
 # The paper's setting ({name}): OpenAI CLIP {arch}, the eight test splits from the Hugging Face
@@ -115,9 +122,24 @@ def sections(text: str) -> dict[str, str]:
     return out
 
 
+def world_full_text() -> str:
+    text = world_text().replace("# Default: the miniature offline world (no downloads, runs on 2 CPU cores).",
+                                "# The miniature offline world in full (`repsurgery preset world-full`): three surgery "
+                                "seeds, every\n# adapter on every merge entry (docs/no-oracle.md). No downloads, 2 CPU "
+                                "cores, about 10 minutes.", 1)
+    for old, new in WORLD_FULL.items():
+        if text.count("\n" + old) != 1:
+            raise PipelineError(f"the world preset no longer has the line {old.strip()!r} that world-full changes: "
+                                "update WORLD_FULL in stages/presets/__init__.py")
+        text = text.replace("\n" + old, "\n" + new)
+    return text
+
+
 def preset_text(name: str, checkpoints: str | None = None) -> str:
     if name == "world":
         return world_text()
+    if name == "world-full":
+        return world_full_text()
     if name not in PAPER_PRESETS:
         raise PipelineError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     params = paper_params(name, checkpoints)
@@ -146,7 +168,7 @@ def write_preset(name: str, path: Path, checkpoints: str | None = None) -> None:
         write_text(backup, path.read_text())
         kept = f" (the previous one is kept in {backup})"
     write_text(path, text)
-    if name == "world":
+    if name.startswith("world"):
         step = ""
     elif PAPER_PRESETS[name][0] == "task_arithmetic":
         step = (f"; the fine-tuned encoders are read from {checkpoints or release_folder(name)}/<Dataset>/finetuned.pt; "

@@ -1,0 +1,102 @@
+"""Surgery without an oracle task id: a router picks each test image's task (which adapter and
+which head) from the merged encoder's feature, the only thing a deployed merged model has.
+
+It is fitted on a seeded share of each task's test images, knowing only which task each came
+from (class labels are never read), like surgery's own transductive use of those images, and
+it is scored on the rest only: a 1-NN router would be perfect on the images it memorised.
+Features are compared by cosine, as CLIP's are. With disjoint label spaces, a routed
+prediction is right exactly when the router picked the right task and the oracle path (that
+task's adapter and head) is right, so routed accuracy is oracle accuracy on the rest with the
+misrouted images counted wrong.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import PipelineError
+
+METHODS = ("nearest_centroid", "knn", "linear")
+
+
+def split_rows(n: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, rest): sorted rows of a task's n images, a seeded `share` of them (at least one,
+    and at least one left) to fit on."""
+    if n < 2:
+        raise PipelineError(f"a task with {n} test image(s) cannot be split into images to fit the router on "
+                            "and images to score it on (params `router.fit_share`)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = min(n - 1, max(1, round(share * n)))
+    return order[:k].sort().values, order[k:].sort().values
+
+
+class Router:
+    """Task = argmax of a score per task, from L2-normalised features."""
+
+    def __init__(self, method: str, *, k: int = 10, steps: int = 200, lr: float = 0.01):
+        if method not in METHODS:
+            raise PipelineError(f"unknown router {method!r}: choose one of {', '.join(METHODS)} (params `router.method`)")
+        self.method, self.k, self.steps, self.lr = method, k, steps, lr
+
+    def fit(self, features: list[torch.Tensor]) -> "Router":
+        """features[t]: (N_t, d) images known to come from task t."""
+        self.points = F.normalize(torch.cat(features).float(), dim=1)
+        self.tasks = torch.cat([torch.full((len(z),), t) for t, z in enumerate(features)])
+        self.n_tasks = len(features)
+        if self.method == "nearest_centroid":
+            self.centroids = F.normalize(torch.stack([F.normalize(z.float(), dim=1).mean(0) for z in features]), dim=1)
+        elif self.method == "linear":
+            self.probe = self._fit_probe()
+        return self
+
+    def _fit_probe(self) -> torch.nn.Linear:
+        """Multinomial logistic regression, full-batch Adam from zero (deterministic)."""
+        probe = torch.nn.Linear(self.points.shape[1], self.n_tasks)
+        torch.nn.init.zeros_(probe.weight), torch.nn.init.zeros_(probe.bias)
+        optimiser = torch.optim.Adam(probe.parameters(), lr=self.lr)
+        for _ in range(self.steps):
+            optimiser.zero_grad(set_to_none=True)
+            F.cross_entropy(probe(self.points), self.tasks).backward()
+            optimiser.step()
+        return probe.requires_grad_(False)
+
+    @torch.no_grad()
+    def predict(self, z: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """The task index of each row of z (N, d)."""
+        return torch.cat([self._scores(F.normalize(z[i:i + chunk].float(), dim=1)).argmax(1)
+                          for i in range(0, len(z), chunk)]) if len(z) else torch.empty(0, dtype=torch.long)
+
+    def _scores(self, z: torch.Tensor) -> torch.Tensor:
+        if self.method == "nearest_centroid":
+            return z @ self.centroids.T
+        if self.method == "linear":
+            return self.probe(z)
+        top = (z @ self.points.T).topk(min(self.k, len(self.points)), dim=1).indices  # knn: votes of the k nearest
+        return torch.zeros(len(z), self.n_tasks).scatter_add_(1, self.tasks[top], torch.ones(top.shape))
+
+
+@dataclass
+class Routing:
+    """A router's decisions on the images it was not fitted on, per task."""
+    rest: list[torch.Tensor]       # rows scored (the rest of each task's test split)
+    predicted: list[torch.Tensor]  # the task the router picked for each of them
+
+    def router_accuracy(self, task: int) -> float:
+        return 100.0 * (self.predicted[task] == task).float().mean().item()
+
+    def routed_accuracy(self, task: int, correct: torch.Tensor) -> float:
+        """`correct`: the oracle path's per-image correctness on the task's whole split."""
+        return 100.0 * (correct[self.rest[task]] & (self.predicted[task] == task)).float().mean().item()
+
+    def heldout_accuracy(self, task: int, correct: torch.Tensor) -> float:
+        """The oracle's accuracy on the same images (like for like with the routed one)."""
+        return 100.0 * correct[self.rest[task]].float().mean().item()
+
+
+def route(features: list[torch.Tensor], cfg) -> Routing:
+    """Fit a router (params `router`) on a share of each task's features, decide on the rest."""
+    rows = [split_rows(len(z), cfg.fit_share, cfg.seed + t) for t, z in enumerate(features)]
+    router = Router(cfg.method, k=cfg.k, steps=cfg.steps, lr=cfg.lr).fit([z[f] for z, (f, _) in zip(features, rows)])
+    return Routing([rest for _, rest in rows], [router.predict(z[rest]) for z, (_, rest) in zip(features, rows)])
