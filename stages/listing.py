@@ -46,8 +46,8 @@ def adapters(_params: Path | None) -> str:
         lines += textwrap.wrap(f"{cls.__module__}; params (`adapters.{name}`): {fields or 'none'}. {doc}", WIDTH,
                                initial_indent="    ", subsequent_indent="      ")
     lines += [f"losses (surgery.loss): {', '.join(LOSSES)}",
-              f"params `surgery`: {', '.join(Surgery.model_fields)}; `analyses.surgery`: "
-              f"{', '.join(AnalysisSurgery.model_fields)}",
+              f"params `surgery`: {', '.join(Surgery.model_fields)}",
+              f"params `analyses.surgery`: {', '.join(AnalysisSurgery.model_fields)}",
               f"params `router` (no oracle task id): {', '.join(Router.model_fields)}"]
     return "\n".join(lines)
 

@@ -31,6 +31,17 @@ def test_the_world_preset_is_the_default_params_file():
     assert preset_text("world") == (ROOT / "params.yaml").read_text()
 
 
+def test_the_world_full_preset_is_the_world_with_several_seeds_and_every_adapter_on_every_entry(tmp_path):
+    from pipeline.config import load
+
+    path = tmp_path / "params.yaml"
+    path.write_text(preset_text("world-full"))
+    full, world = load(path), load(ROOT / "params.yaml")
+    assert len(full.surgery.seeds) > 1 and full.analyses.methods("adapters", full.methods) == full.methods
+    assert full.model_dump(exclude={"surgery", "analyses"}) == world.model_dump(exclude={"surgery", "analyses"})
+    assert full.surgery.model_dump(exclude={"seeds"}) == world.surgery.model_dump(exclude={"seeds"})
+
+
 def test_a_preset_keeps_the_params_it_replaces(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("# my edits\n" + preset_text("world"))

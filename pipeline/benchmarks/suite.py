@@ -67,7 +67,7 @@ def run_bench(params: Params, device: torch.device, *, method: str = "ties_mergi
         steps, stage_steps, rows, adamerging_steps = QUICK["steps"], QUICK["stage_steps"], QUICK["rows"], \
             QUICK["adamerging_steps"]
     names = params.tasks
-    cfg = params.surgery.model_dump()
+    cfg = {**params.surgery.model_dump(), "seed": params.surgery.seeds[0]}  # the paper's module, the first seed
     stage_steps = stage_steps or cfg["steps"]
     started = time.perf_counter()
     _bar = lambda desc: lambda it: progress(it, desc=desc, unit="step", leave=False)  # noqa: E731
