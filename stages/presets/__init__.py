@@ -126,7 +126,7 @@ def world_full_text() -> str:
     text = world_text().replace("# Default: the miniature offline world (no downloads, runs on 2 CPU cores).",
                                 "# The miniature offline world in full (`repsurgery preset world-full`): three surgery "
                                 "seeds, every\n# adapter on every merge entry (docs/no-oracle.md). No downloads, 2 CPU "
-                                "cores, about 10 minutes.", 1)
+                                "cores, about 40 s more than the default run.", 1)
     for old, new in WORLD_FULL.items():
         if text.count("\n" + old) != 1:
             raise PipelineError(f"the world preset no longer has the line {old.strip()!r} that world-full changes: "
