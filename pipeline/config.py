@@ -117,10 +117,11 @@ class AnalysisSurgery(SurgerySettings):
 
 class Router(Section):
     """Picks each test image's task (its adapter and head) from the merged features, fitted on
-    a seeded share of each task's test images (task membership known, class labels never
-    read) and scored on the rest only."""
+    `images` seeded images of each task (task membership known, class labels never read): of
+    its train split, or of its test split and then scored on the rest only."""
     method: Literal["nearest_centroid", "knn", "linear"]
-    fit_share: Annotated[float, Field(gt=0, lt=1)]
+    split: Literal["train", "test"]
+    images: PositiveInt
     seed: int
     k: PositiveInt = 10          # knn: neighbours that vote
     steps: PositiveInt = 200     # linear: full-batch Adam steps of the probe
@@ -378,6 +379,10 @@ def _check_splits(params: Params) -> None:
     mistake to name now, not after the downloads (the world has both splits)."""
     if params.is_world:
         return
+    if params.router.split not in params.source.splits:
+        raise _error("router.split", params.router.split, f"a split that params `source.splits` lists "
+                     f"({', '.join(params.source.splits)}): add it there and run `repsurgery fetch`, or fit the "
+                     "router on a share of the test split (`router.split: test`)")
     if "test" not in params.source.splits:
         raise _error("source.splits", params.source.splits, "a list that holds test (every task is evaluated on it)")
     for key, entry in params._entries.items():

@@ -1,9 +1,10 @@
 """Surgery without an oracle task id: a router picks each test image's task (which adapter and
 which head) from the merged encoder's feature, the only thing a deployed merged model has.
 
-It is fitted on a seeded share of each task's test images, knowing only which task each came
-from (class labels are never read), like surgery's own transductive use of those images, and
-it is scored on the rest only: a 1-NN router would be perfect on the images it memorised.
+It is fitted on seeded images of each task, knowing only which task each came from (class
+labels are never read): of its train split (the world's default; a real source that imports
+it), or of its test split, like surgery's own transductive use of those images, and then it is
+scored on the rest only: a 1-NN router would be perfect on the images it memorised.
 Features are compared by cosine, as CLIP's are. With disjoint label spaces, a routed
 prediction is right exactly when the router picked the right task and the oracle path (that
 task's adapter and head) is right, so routed accuracy is oracle accuracy on the rest with the
@@ -21,15 +22,22 @@ from pipeline.errors import PipelineError
 METHODS = ("nearest_centroid", "knn", "linear")
 
 
-def split_rows(n: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fit, rest): sorted rows of a task's n images, a seeded `share` of them (at least one,
-    and at least one left) to fit on."""
+def split_rows(n: int, images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, rest): sorted rows of a task's n images, `images` seeded ones to fit on (at most
+    n - 1 of a test split: at least one is left to score)."""
     if n < 2:
         raise PipelineError(f"a task with {n} test image(s) cannot be split into images to fit the router on "
-                            "and images to score it on (params `router.fit_share`)")
+                            "and images to score it on (params `router.images`)")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    k = min(n - 1, max(1, round(share * n)))
+    k = min(n - 1, images)
     return order[:k].sort().values, order[k:].sort().values
+
+
+def train_rows(n: int, images: int, seed: int) -> list[int]:
+    """The rows of a task's train split (n images) the router is fitted on: `images` seeded ones
+    (all of them where there are fewer)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[:images].sort().values.tolist()
 
 
 class Router:
@@ -95,8 +103,14 @@ class Routing:
         return 100.0 * correct[self.rest[task]].float().mean().item()
 
 
-def route(features: list[torch.Tensor], cfg) -> Routing:
-    """Fit a router (params `router`) on a share of each task's features, decide on the rest."""
-    rows = [split_rows(len(z), cfg.fit_share, cfg.seed + t) for t, z in enumerate(features)]
-    router = Router(cfg.method, k=cfg.k, steps=cfg.steps, lr=cfg.lr).fit([z[f] for z, (f, _) in zip(features, rows)])
-    return Routing([rest for _, rest in rows], [router.predict(z[rest]) for z, (_, rest) in zip(features, rows)])
+def route(features: list[torch.Tensor], cfg, fit: list[torch.Tensor] | None = None) -> Routing:
+    """A router (params `router`) fitted on `fit` (each task's train-split features) and deciding
+    on every test image, or, without them, fitted on `cfg.images` of each task's test features
+    and deciding on the rest."""
+    if fit is None:
+        rows = [split_rows(len(z), cfg.images, cfg.seed + t) for t, z in enumerate(features)]
+        fit, rest = [z[f] for z, (f, _) in zip(features, rows)], [r for _, r in rows]
+    else:
+        rest = [torch.arange(len(z)) for z in features]
+    router = Router(cfg.method, k=cfg.k, steps=cfg.steps, lr=cfg.lr).fit(fit)
+    return Routing(rest, [router.predict(z[r]) for z, r in zip(features, rest)])

@@ -13,7 +13,7 @@ import typer
 from cache.files import write_text
 from pipeline import routing, workspace
 from pipeline.config import Params
-from pipeline.features.stores import open_features, read_labels
+from pipeline.features.stores import open_features, read_labels, router_fit
 from pipeline.models.checkpoints import load_heads
 from pipeline.reporting import metrics, published, tables
 from pipeline.surgery import adapters
@@ -40,8 +40,9 @@ def evaluate(params: Params) -> dict:
                for b in baselines}
     for key in progress(params.methods, desc="evaluate", unit="method"):
         merged = [features(workspace.merged_encoder(key), t) for t in names]
+        fit = router_fit(workspace.merged_encoder(key), names, params.router)
         results[key] = entry_figures(merged, individual, load_surgery(key, names), names, heads, labels,
-                                     routing.route(merged, params.router))
+                                     routing.route(merged, params.router, fit))
         if all(results["individual"]["acc"][t] > 0 for t in names):  # the field's normalised accuracy
             for figure in ("acc", "surgery_acc"):
                 results[key][f"normalized_{figure}"] = _with_avg(metrics.normalized(

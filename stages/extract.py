@@ -5,7 +5,9 @@ task, every merge entry on every task) so that each task's images are decoded an
 preprocessed once and fed to all of them. Its outputs are `persist`ent in dvc.yaml: DVC does
 not delete them before a re-run, and stores whose identity (weights, images, dtype, autocast,
 code version) still matches are kept, so a change to one merge entry recomputes only its
-stores. The task labels are saved beside the features, so later stages need no images.
+stores. The task labels are saved beside the features, so later stages need no images. With
+`router.split: train`, the merge entries also encode the train images the task router is
+fitted on (`features/merged/KEY/<task>-train.zarr`).
 """
 from __future__ import annotations
 
@@ -24,15 +26,15 @@ from pipeline.features.stores import write_labels
 from stages.common import progress
 
 
-def prune(params: Params, chosen: list[str]) -> None:
-    """Drop stores of tasks and merge entries no longer in the params (the outputs persist)."""
-    keep = {workspace.store(e, t) for e in chosen for t in params.tasks}
-    stale = [p for p in sorted(workspace.FEATURES.glob(f"*/*-{workspace.SPLIT}.zarr"))
+def prune(keep: set) -> None:
+    """Drop stores of tasks and merge entries no longer in the params, and router stores no
+    longer wanted (the outputs persist)."""
+    stale = [p for p in sorted(workspace.FEATURES.glob("*/*.zarr"))
              if p.parent.name in workspace.REFERENCE_ENCODERS and p not in keep]
-    stale += [p for p in sorted((workspace.FEATURES / "merged").glob(f"*/*-{workspace.SPLIT}.zarr")) if p not in keep]
+    stale += [p for p in sorted((workspace.FEATURES / "merged").glob("*/*.zarr")) if p not in keep]
     for path in stale:
         shutil.rmtree(path)
-        print(f"removed {path}: its task or merge entry is not in the params")
+        print(f"removed {path}: its task, merge entry or router images are not in the params")
     for path in clear_leftovers(workspace.FEATURES):  # every wanted store is complete now
         print(f"removed {path}: left by an interrupted extraction")
     for folder in (workspace.FEATURES / "merged").glob("*"):
@@ -45,7 +47,8 @@ def extract_features(params: Params, device: torch.device, names: list[str] | No
     preflight(params, device, extra=planning.check_disk(params))
     cfg = params.extract
     chosen = planning.encoders(params, names)
-    todo = planning.jobs(params.tasks, chosen, autocast=cfg.autocast)
+    tests = planning.jobs(params.tasks, chosen, autocast=cfg.autocast)
+    todo = tests + planning.router_jobs(params, chosen, autocast=cfg.autocast)
     stale = [t for job in todo for t in job.targets if not is_done(t, cfg.dtype)]
     print(f"extract: {len(stale)} feature stores to compute "
           f"({', '.join(sorted({str(t.path.parent.relative_to(workspace.FEATURES)) for t in stale})) or 'none'}), "
@@ -59,10 +62,10 @@ def extract_features(params: Params, device: torch.device, names: list[str] | No
             paths = extract_distributed(todo, client, **kwargs)
     else:
         paths = extract(todo, **kwargs)
-    for job in todo:
+    for job in tests:
         write_labels(job.name, datasets.labels(workspace.DATA, job.name, workspace.SPLIT),
                      job.targets[0].attrs["dataset_fingerprint"])
     if not names:
-        prune(params, chosen)
+        prune({t.path for job in todo for t in job.targets})
     print(f"{len(paths)} feature stores of {len(chosen)} encoders ready under {workspace.FEATURES}/; labels under "
           f"{workspace.LABELS}/")

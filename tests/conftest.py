@@ -45,7 +45,7 @@ TINY = {
     "surgery": {"adapter": "surgery", "rank": 4, "lr": 0.001, "steps": 60, "batch_size": 16, "loss": "l1",
                 "seeds": [0]},
     "adapters": {"prob_surgery": {"kl_weight": 1e-4}},
-    "router": {"method": "nearest_centroid", "fit_share": 0.25, "seed": 0},
+    "router": {"method": "nearest_centroid", "split": "train", "images": 24, "seed": 0},
     "mtl": {"steps": 20, "batch_size": 32, "lr": 0.001, "weight_decay": 0.1, "warmup": 2},
     "analyses": {"surgery": {"rank": 4, "lr": 0.001, "steps": 60, "batch_size": 16, "loss": "l1", "seed": 0},
                  "rank": {"ranks": [2, 4], "methods": ["task_arithmetic", "lw_adamerging"]},

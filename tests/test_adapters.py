@@ -116,7 +116,8 @@ def test_unknown_adapters_and_bad_adapter_params_are_one_line_naming_the_key(tmp
             (lambda p: p["adapters"].update(lora={}), "`adapters` = 'lora': expected a registered adapter"),
             (lambda p: p["adapters"]["prob_surgery"].update(kl_weight=-1), "`adapters.prob_surgery.kl_weight` = -1"),
             (lambda p: p["surgery"].update(seeds=[0, 0]), "`surgery.seeds`"),
-            (lambda p: p["router"].update(fit_share=1.0), "`router.fit_share` = 1.0")):
+            (lambda p: p["router"].update(images=0), "`router.images` = 0"),
+            (lambda p: p["router"].update(split="validation"), "`router.split` = 'validation'")):
         params = yaml.safe_load(yaml.safe_dump(base))
         change(params)
         path = tmp_path / "params.yaml"

@@ -17,7 +17,8 @@ from tests.conftest import BIN, TINY, analysed, cli, copy_project, env, params_w
 
 TASKS, METHODS = TINY["tasks"], list(TINY["merge"])
 ENCODERS = ["pretrained", "individual", *(f"merged/{m}" for m in METHODS)]
-N_STORES = len(TASKS) * (1 + len(METHODS)) + len(TASKS)  # pretrained and merged on every task, individual on its own
+# pretrained and merged on every task, individual on its own; the train images the router is fitted on, merged
+N_STORES = len(TASKS) * (1 + len(METHODS)) + len(TASKS) + len(TASKS) * len(METHODS)
 
 
 def stores(project: Path) -> dict[str, Path]:
@@ -71,10 +72,10 @@ def test_changing_one_merge_recomputes_only_that_methods_stores(world, tmp_path)
     done = run([str(BIN / "dvc"), "exp", "run", "-S", "merge.ties_merging.k=50"], project)
     ran = {line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"check", "merge@ties_merging", "extract", "surgery", "evaluate", "analyses"}, done.stdout
-    assert (f"extract: {len(TASKS)} feature stores to compute (merged/ties_merging), "
-            f"{N_STORES - len(TASKS)} up to date") in done.stdout
+    assert (f"extract: {2 * len(TASKS)} feature stores to compute (merged/ties_merging), "  # test split, router's
+            f"{N_STORES - 2 * len(TASKS)} up to date") in done.stdout
     assert "surgery weight_averaging: up to date" in done.stdout  # only the changed entry's adapters retrain
-    for name in ("rank", "loss", "data-ratio", "online", "curve", "bias", "tsne"):  # only analyses that run on it
+    for name in ("rank", "loss", "data-ratio", "online", "curve", "adapters", "bias", "tsne"):  # those that run on it
         assert (f"analysis {name}: up to date" in done.stdout) == ("ties_merging" not in analysed(name)), name
     after = {name: json.loads((p / "zarr.json").read_text())["attributes"] for name, p in stores(project).items()}
     assert set(after) == set(before)
@@ -83,6 +84,24 @@ def test_changing_one_merge_recomputes_only_that_methods_stores(world, tmp_path)
         assert changed == name.startswith("merged/ties_merging/"), name
     store = Path("features/merged/ties_merging/digits-test.zarr")
     assert not np.array_equal(open_store(project / store, deep=True).to_numpy(), open_store(world / store).to_numpy())
+
+
+def test_the_routers_train_images_are_encoded_by_the_merge_entries_as_params_router_says(world, tmp_path):
+    train = {name: path for name, path in stores(world).items() if name.endswith("-train.zarr")}
+    assert {name.rsplit("/", 1)[0] for name in train} == {f"merged/{m}" for m in METHODS}
+    assert {open_store(path).n_rows for path in train.values()} == {TINY["router"]["images"]}
+    project = copy_project(world, tmp_path / "copy")
+    params_with(project, project / "params.yaml", router__images=TINY["router"]["images"] // 2)
+    done = cli(project, "extract", check=True)  # only the router's stores are recomputed
+    assert f"extract: {len(train)} feature stores to compute" in done.stdout
+    assert {open_store(project / "features" / name).n_rows for name in train} == {TINY["router"]["images"] // 2}
+    params_with(project, project / "params.yaml", router__split="test")  # fitted on test images: none needed
+    done = cli(project, "extract", check=True)
+    assert "extract: 0 feature stores to compute" in done.stdout
+    assert not [name for name in stores(project) if name.endswith("-train.zarr")]
+    cli(project, "evaluate", check=True)  # and evaluation routes without them
+    metrics = json.loads((project / "results" / "metrics.json").read_text())["task_arithmetic"]
+    assert metrics["heldout_acc"] != metrics["acc"]  # scored on the test images it was not fitted on
 
 
 def test_a_new_dtype_recomputes_the_stores_instead_of_keeping_float32_ones(world, tmp_path):

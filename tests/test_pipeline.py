@@ -28,6 +28,8 @@ def test_repro_writes_metrics_for_every_method_and_task(world):
                                 "normalized_surgery_acc", "routed_acc", "routed_surgery_acc", "router_acc",
                                 "heldout_acc", "heldout_surgery_acc"}  # one seed: no std
         assert metrics[method]["surgery"] == {"adapter": TINY["surgery"]["adapter"], "seeds": TINY["surgery"]["seeds"]}
+        # the router learned from train images (TINY `router.split`): routed figures cover the whole test split
+        assert figures["heldout_acc"] == figures["acc"] and figures["heldout_surgery_acc"] == figures["surgery_acc"]
         # without the oracle's task id, never better than with it on the same images
         assert figures["routed_acc"]["avg"] <= figures["heldout_acc"]["avg"]
         assert figures["routed_surgery_acc"]["avg"] <= figures["heldout_surgery_acc"]["avg"]

@@ -13,15 +13,26 @@ def clusters(n_tasks=4, per_task=60, dim=16, spread=0.3, seed=0):
     return [centres[t] + spread * torch.randn(per_task, dim, generator=g) for t in range(n_tasks)]
 
 
-def test_fit_and_scored_images_are_disjoint_seeded_and_cover_the_split():
-    fit, rest = routing.split_rows(100, 0.1, seed=3)
+def test_fit_and_scored_images_of_a_test_split_are_disjoint_seeded_and_cover_it():
+    fit, rest = routing.split_rows(100, 10, seed=3)
     assert len(fit) == 10 and len(rest) == 90
     assert set(fit.tolist()).isdisjoint(rest.tolist()) and set(fit.tolist()) | set(rest.tolist()) == set(range(100))
-    again, _ = routing.split_rows(100, 0.1, seed=3)
+    again, _ = routing.split_rows(100, 10, seed=3)
     assert torch.equal(fit, again)
-    assert len(routing.split_rows(5, 0.01, seed=0)[0]) == 1 and len(routing.split_rows(5, 0.99, seed=0)[1]) == 1
+    assert len(routing.split_rows(5, 50, seed=0)[1]) == 1  # at least one image is left to score
     with pytest.raises(PipelineError, match="cannot be split"):
-        routing.split_rows(1, 0.5, seed=0)
+        routing.split_rows(1, 1, seed=0)
+
+
+def test_a_router_fitted_on_other_images_decides_on_every_test_image():
+    from types import SimpleNamespace
+
+    features = clusters()
+    cfg = SimpleNamespace(method="nearest_centroid", k=1, steps=1, lr=0.1, images=10, seed=0)
+    routes = routing.route(features, cfg, fit=[z[:5] + 0.01 for z in features])
+    assert all(torch.equal(rest, torch.arange(len(z))) for rest, z in zip(routes.rest, features))
+    assert routing.train_rows(50, 10, seed=1) == sorted(routing.train_rows(50, 10, seed=1))
+    assert len(set(routing.train_rows(50, 10, seed=1))) == 10 and routing.train_rows(5, 10, seed=1) == list(range(5))
 
 
 @pytest.mark.parametrize("method", routing.METHODS)
@@ -51,7 +62,7 @@ def test_the_router_is_never_scored_on_the_images_it_was_fitted_on():
     from types import SimpleNamespace
 
     features = clusters(spread=3.0)  # overlapping tasks: 1-NN errs on unseen images
-    cfg = SimpleNamespace(method="knn", k=1, steps=1, lr=0.1, fit_share=0.5, seed=0)
+    cfg = SimpleNamespace(method="knn", k=1, steps=1, lr=0.1, images=30, seed=0)
     routes = routing.route(features, cfg)
     for t, z in enumerate(features):
         fit = sorted(set(range(len(z))) - set(routes.rest[t].tolist()))

@@ -11,12 +11,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline import workspace
+from pipeline import routing, workspace
 from pipeline.data import datasets
 from pipeline.data.checks import Finding
 from pipeline.errors import PipelineError
 from pipeline.features.extraction import EXTRACTION_VERSION, Job, Ref, Target, is_done
-from pipeline.features.stores import checkpoint_fingerprint, fix_hint
+from pipeline.features.stores import checkpoint_fingerprint, fix_hint, router_identity
 from pipeline.models import clip
 from pipeline.models.checkpoints import load_state
 
@@ -33,10 +33,13 @@ def build_encoder(model_dir: str, weights: str | None) -> torch.nn.Module:
     return encoder.eval()
 
 
-def build_dataset(root: str, task: str, split: str, model_dir: str) -> datasets.ImageDataset:
-    """A task's split with the CLIP's validation transform (picklable: Dask workers call it)."""
+def build_dataset(root: str, task: str, split: str, model_dir: str,
+                  rows: tuple[int, ...] | None = None) -> torch.utils.data.Dataset:
+    """A task's split (or those of its rows) with the CLIP's validation transform (picklable:
+    Dask workers call it)."""
     transform = clip.preprocess_for(clip.read_spec(Path(model_dir)))
-    return datasets.ImageDataset(Path(root), task, split, transform)
+    dataset = datasets.ImageDataset(Path(root), task, split, transform)
+    return dataset if rows is None else torch.utils.data.Subset(dataset, list(rows))
 
 
 def encoder_ref(encoder: str, task: str) -> Ref:
@@ -73,6 +76,32 @@ def jobs(tasks: list[str], encoders: list[str], *, autocast: str) -> list[Job]:
     return out
 
 
+def router_jobs(params, encoders: list[str], *, autocast: str) -> list[Job]:
+    """The train images the task router is fitted on (params `router.split: train`): per task,
+    `router.images` seeded rows of its train split through every chosen merge entry's encoder."""
+    cfg, merged = params.router, [e for e in encoders if e not in (*workspace.REFERENCE_ENCODERS, "mtl")]
+    if cfg.split != "train" or not merged:
+        return []
+    spec, out = clip.read_spec(workspace.PRETRAINED), []
+    for t, task in enumerate(params.tasks):
+        if not datasets.has_split(workspace.DATA, task, "train"):
+            raise PipelineError(f"task {task!r} has no train split under {workspace.DATA}/ for the router to be "
+                                "fitted on (params `router.split: train`): import it (`source.splits`), or set "
+                                "`router.split: test`")
+        data_fp = datasets.dataset_fingerprint(workspace.DATA, task, "train")
+        rows = tuple(routing.train_rows(len(datasets.labels(workspace.DATA, task, "train")), cfg.images, cfg.seed + t))
+        attrs = {"task": task, "split": "train", "dataset_fingerprint": data_fp, **router_identity(cfg),
+                 "preprocess": spec.get("preprocess") or spec.get("arch"), "autocast": autocast,
+                 "extraction_version": EXTRACTION_VERSION}
+        dataset = Ref(f"data:{data_fp}:router:{cfg.images}:{cfg.seed + t}",
+                      functools.partial(build_dataset, str(workspace.DATA.resolve()), task, "train",
+                                        str(workspace.PRETRAINED.resolve()), rows))
+        targets = [Target(encoder_ref(name, task), workspace.store(name, task, "train"),
+                          {"encoder_fingerprint": checkpoint_fingerprint(name, task), **attrs}) for name in merged]
+        out.append(Job(dataset, n_rows=len(rows), targets=targets, name=f"{task} (router, train)"))
+    return out
+
+
 def feature_dim() -> int:
     return clip.build_clip(clip.read_spec(workspace.PRETRAINED)).visual.output_dim
 
@@ -101,7 +130,9 @@ def check_disk(params) -> Iterator[Finding]:
     """Room for the feature stores still to compute (params `extract.dtype`)."""
     cfg = params.extract
     try:
-        todo = [(job.n_rows, t) for job in jobs(params.tasks, encoders(params, None), autocast=cfg.autocast)
+        every = encoders(params, None)
+        todo = [(job.n_rows, t) for job in [*jobs(params.tasks, every, autocast=cfg.autocast),
+                                            *router_jobs(params, every, autocast=cfg.autocast)]
                 for t in job.targets if not is_done(t, cfg.dtype)]
         width = feature_dim()
     except PipelineError as exc:

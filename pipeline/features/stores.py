@@ -59,24 +59,39 @@ def checkpoint_fingerprint(encoder: str, task: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def data_fingerprint(task: str) -> str | None:
-    """Fingerprint of the task's test shards now (None: no data here); hashed once per process."""
-    if not datasets.task_dir(workspace.DATA, task).exists():
+def data_fingerprint(task: str, split: str = workspace.SPLIT) -> str | None:
+    """Fingerprint of the task's shards of a split now (None: no data here); hashed once per process."""
+    if not datasets.has_split(workspace.DATA, task, split):
         return None
-    return datasets.dataset_fingerprint(workspace.DATA, task, workspace.SPLIT)
+    return datasets.dataset_fingerprint(workspace.DATA, task, split)
 
 
-def open_features(encoder: str, task: str, deep: bool = False) -> FeatureStore:
+def open_features(encoder: str, task: str, deep: bool = False, split: str = workspace.SPLIT,
+                  expect: dict | None = None) -> FeatureStore:
     """A task's store of one encoder, refused unless made from the weights and data here now
-    (`deep`: also reread every chunk against its checksum)."""
-    expect = {"task": task, "split": workspace.SPLIT}
+    (and with the attributes `expect` gives; `deep`: also reread every chunk against its checksum)."""
+    expect = {"task": task, "split": split, **(expect or {})}
     fp = checkpoint_fingerprint(encoder, task)
     if fp is not None:
         expect["encoder_fingerprint"] = fp
-    data_fp = data_fingerprint(task)
+    data_fp = data_fingerprint(task, split)
     if data_fp is not None:
         expect["dataset_fingerprint"] = data_fp
-    return open_store(workspace.store(encoder, task), expect=expect, fix_hint=fix_hint(encoder), deep=deep)
+    return open_store(workspace.store(encoder, task, split), expect=expect, fix_hint=fix_hint(encoder), deep=deep)
+
+
+def router_identity(cfg) -> dict:
+    """What the router's train-split stores depend on besides weights and images (params `router`)."""
+    return {"router_images": cfg.images, "router_seed": cfg.seed}
+
+
+def router_fit(encoder: str, tasks: list[str], cfg) -> list[torch.Tensor] | None:
+    """The features the task router is fitted on, per task: the train-split stores of a merge
+    entry (`router.split: train`), or None (fitted on a share of the test features instead)."""
+    if cfg.split != "train":
+        return None
+    return [torch.from_numpy(open_features(encoder, t, split="train", expect=router_identity(cfg)).to_numpy())
+            for t in tasks]
 
 
 def read_features(encoder: str, tasks: list[str]) -> list[torch.Tensor]:

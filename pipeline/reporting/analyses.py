@@ -22,7 +22,7 @@ from cache.files import sha256_file
 from pipeline import provenance, routing, workspace
 from pipeline.config import AnalysisSurgery, Params
 from pipeline.errors import PipelineError
-from pipeline.features.stores import read_features, read_labels
+from pipeline.features.stores import read_features, read_labels, router_fit
 from pipeline.models.checkpoints import load_heads
 from pipeline.reporting import figures, metrics, tables, tsne
 from pipeline.surgery import adapters, sweeps
@@ -244,7 +244,8 @@ def run_adapters(ctx: Context) -> Path:
     titles = {None: "no surgery", **{a: adapters.get(a).label for a in names}}
     rows, averages = [], {}
     for m, method in enumerate(ctx.methods):
-        routes = routing.route(ctx.features(method), ctx.params.router)
+        cfg = ctx.params.router
+        routes = routing.route(ctx.features(method), cfg, router_fit(encoder_name(method), ctx.names, cfg))
         for adapter, title in titles.items():
             correct = sweeps.correct(datas[m], None if adapter is None else trained[adapter][m])
             for mode, accs in (("oracle", [100.0 * c.float().mean().item() for c in correct]),
