@@ -379,10 +379,6 @@ def _check_splits(params: Params) -> None:
     mistake to name now, not after the downloads (the world has both splits)."""
     if params.is_world:
         return
-    if params.router.split not in params.source.splits:
-        raise _error("router.split", params.router.split, f"a split that params `source.splits` lists "
-                     f"({', '.join(params.source.splits)}): add it there and run `repsurgery fetch`, or fit the "
-                     "router on a share of the test split (`router.split: test`)")
     if "test" not in params.source.splits:
         raise _error("source.splits", params.source.splits, "a list that holds test (every task is evaluated on it)")
     for key, entry in params._entries.items():
@@ -391,6 +387,10 @@ def _check_splits(params: Params) -> None:
             raise _error(f"merge.{key}.split", split, f"a split that params `source.splits` lists "
                          f"({', '.join(params.source.splits)}): add {split} there and run `repsurgery fetch`, "
                          "or choose another split")
+    if params.router.split not in params.source.splits:
+        raise _error("router.split", params.router.split, f"a split that params `source.splits` lists "
+                     f"({', '.join(params.source.splits)}): add it there and run `repsurgery fetch`, or fit the "
+                     "router on some of each test split (`router.split: test`)")
 
 
 def _check_tasks(params: Params) -> None:

@@ -201,7 +201,7 @@ def test_a_chunk_damaged_on_disk_is_named_by_the_stage_that_reads_it_and_by_veri
     assert f"feature store {store} (chunk 1: {chunk}) is damaged: a chunk does not decode" in line, line
     assert "`repsurgery verify`" in line and (project / "results" / "metrics.json").read_bytes() == metrics
     done = cli(project, "verify")
-    n_stores = len(TASKS) * (len(ENCODERS) + 1)  # and Traditional MTL's
+    n_stores = len(TASKS) * (len(ENCODERS) + 1 + len(METHODS))  # and Traditional MTL's, and the router's
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert [line for line in done.stderr.splitlines() if line] == [
         f"  feature store {store} is damaged: its data no longer match the checksum recorded when it was written. "

@@ -96,6 +96,7 @@ def project(real_like, tmp_path_factory):
     params["tasks"] = ["mnist", "svhn", "eurosat"]
     params["source"] = real_like["source"]
     params["extract"]["batch_size"] = 16
+    params["router"] = {**params["router"], "split": "test", "images": 3}  # only test splits: fitted on 3 of each
     path = make_project(tmp_path_factory.mktemp("real") / "project", params)
     run([str(BIN / "dvc"), "repro", "-q"], path)
     return path
@@ -106,6 +107,9 @@ def test_repro_runs_the_whole_pipeline_on_a_real_source(project, real_like):
     assert set(metrics) >= {"pretrained", "individual", "weight_averaging", "lw_adamerging"}
     assert set(metrics["individual"]["acc"]) >= {"mnist", "svhn", "eurosat"}
     assert not (real_like["root"] / "sentinel").exists()  # the pickle's own code never ran
+    # only test splits: the router is fitted on 3 images of each and scored on the others
+    assert {"routed_acc", "routed_surgery_acc", "router_acc", "heldout_acc"} <= set(metrics["weight_averaging"])
+    assert not list((project / "features").glob("merged/*/*-train.zarr"))
 
 
 def test_doctor_checks_a_real_source_and_warns_of_splits_smaller_than_published(project):

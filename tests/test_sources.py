@@ -116,6 +116,9 @@ def test_an_entry_learning_on_a_split_the_source_does_not_import_is_refused_befo
                                             r"`repsurgery fetch`"):
         config.validate(params)
     params["merge"] = {k: {**v, "split": "test"} if "split" in v else v for k, v in params["merge"].items()}
+    with pytest.raises(PipelineError, match=r"`router.split` = 'train'.*`router.split: test`"):  # nor the router
+        config.validate(params)
+    params["router"]["split"] = "test"
     assert config.validate(params).source.splits == ["test"]
 
 

@@ -143,8 +143,7 @@ def _fit_shared(module: Adapter, fetch, criterion, *, n_tasks: int, lr: float, s
     one SharedAdam step over all lanes. Each copy (merge method) is still its own problem: its
     lanes are stepped exactly as if it were trained alone."""
     adam = SharedAdam(list(module.parameters()), lr)
-    lanes_in_all = copies * n_tasks
-    lane_task = torch.arange(lanes_in_all, device=adam.params[0].device) % n_tasks
+    lane_task = torch.arange(copies * n_tasks, device=adam.params[0].device) % n_tasks
     losses = torch.zeros(copies, steps)
     turns = math.ceil(steps / VISIT)
     for turn in progress(range(turns)):

@@ -105,8 +105,8 @@ def paper_params(name: str, checkpoints: str | None = None) -> dict:
                                  **family_params.get(key, {})}
                        for key, entry in params["merge"].items()
                        if not str(entry.get("path", "")).startswith(str(workspace.MTL))}
-    if any(entry.get("split") == "train" for entry in params["merge"].values()):
-        params["source"]["splits"] = ["test", "train"]
+    if params["router"]["split"] == "train" or any(entry.get("split") == "train" for entry in params["merge"].values()):
+        params["source"]["splits"] = ["test", "train"]  # what the router and the data-using merges learn from
     return params
 
 
