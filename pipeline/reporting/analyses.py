@@ -266,11 +266,13 @@ def run_adapters(ctx: Context) -> Path:
 
 def adapters_summary(ctx: Context, averages: dict, titles: list[str]) -> str:
     """One row per entry: each adapter's average with the oracle (full split) and routed (the
-    oracle on the same images in brackets), and the router's own accuracy."""
+    oracle on the same images in brackets, where the router was fitted on some of the test
+    images), and the router's own accuracy."""
     head = [f"{t} ({mode})" for t in titles for mode in ("oracle", "routed")] + ["router"]
     lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for method, v in averages.items():
-        cells = [f"{v[f'{t} (oracle)']:.1f} | {v[f'{t} (routed)']:.1f} ({v[f'{t} (oracle, same images)']:.1f})"
+        cells = [f"{v[f'{t} (oracle)']:.1f} | {v[f'{t} (routed)']:.1f}"
+                 + ("" if ctx.params.router.split == "train" else f" ({v[f'{t} (oracle, same images)']:.1f})")
                  for t in titles]
         lines.append(f"| {ctx.label(method)} | " + " | ".join(cells) + f" | {v['router']:.1f} |")
     return "\n".join(lines) + "\n"
