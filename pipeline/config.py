@@ -274,7 +274,8 @@ class Params(Section):
         return {**cfg.model_dump(exclude={"seed", "seeds"}), "adapter_params": self.adapter_params(cfg.adapter)}
 
     def adapter_names(self) -> list[str]:
-        """The adapters the `adapters` analysis compares (registry order where it lists none)."""
+        """The adapters the `adapters` analysis compares: those it lists, or every registered one
+        (params `adapters` order first)."""
         return list(self.analyses.adapters.adapters or self._adapters)
 
 

@@ -107,10 +107,14 @@ def checkpoint(encoder: str, task: str) -> Path | None:
     return merged_checkpoint(encoder.removeprefix("merged/"))
 
 
-def store(encoder: str, task: str, split: str = SPLIT) -> Path:
-    """A feature store: the test split's (every encoder), or the train images the task router
-    is fitted on (merge entries, params `router.split: train`)."""
-    return FEATURES / encoder / f"{task}-{split}.zarr"
+def store(encoder: str, task: str) -> Path:
+    return FEATURES / encoder / f"{task}-{SPLIT}.zarr"
+
+
+def router_store(encoder: str) -> Path:
+    """A merge entry's features of the train images the task router is fitted on, every task's
+    in one store (params `router.split: train`)."""
+    return FEATURES / encoder / "router-train.zarr"
 
 
 def labels(task: str) -> Path:

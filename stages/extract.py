@@ -7,7 +7,7 @@ not delete them before a re-run, and stores whose identity (weights, images, dty
 code version) still matches are kept, so a change to one merge entry recomputes only its
 stores. The task labels are saved beside the features, so later stages need no images. With
 `router.split: train`, the merge entries also encode the train images the task router is
-fitted on (`features/merged/KEY/<task>-train.zarr`).
+fitted on (`features/merged/KEY/router-train.zarr`).
 """
 from __future__ import annotations
 

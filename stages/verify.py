@@ -12,7 +12,7 @@ from pipeline import workspace
 from pipeline.config import Params
 from pipeline.errors import PipelineError
 from pipeline.features.jobs import encoders
-from pipeline.features.stores import leftover_report, open_features, router_identity
+from pipeline.features.stores import leftover_report, open_features, open_router_store
 from stages.common import progress
 
 
@@ -20,15 +20,16 @@ def verify(params: Params, names: list[str] | None) -> None:
     chosen = encoders(params, names)
     if not names and params.is_world and workspace.store("mtl", params.tasks[0]).exists():
         chosen.append("mtl")
-    stores = [(encoder, task, workspace.SPLIT) for encoder in chosen for task in params.tasks]
+    stores = [(encoder, task) for encoder in chosen for task in params.tasks]
     if params.router.split == "train":  # the train images the router is fitted on, of every merge entry
-        stores += [(encoder, task, "train") for encoder in chosen if encoder.startswith("merged/")
-                   for task in params.tasks]
+        stores += [(encoder, None) for encoder in chosen if encoder.startswith("merged/")]
     problems = []
-    for encoder, task, split in progress(stores, desc="verify", unit="store"):
+    for encoder, task in progress(stores, desc="verify", unit="store"):
         try:
-            open_features(encoder, task, deep=True, split=split,
-                          expect=router_identity(params.router) if split == "train" else None)
+            if task is None:
+                open_router_store(encoder, params.tasks, params.router, deep=True)
+            else:
+                open_features(encoder, task, deep=True)
         except StoreError as exc:
             problems.append(str(exc))
             print(f"  {exc}", file=sys.stderr)

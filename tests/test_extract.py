@@ -17,8 +17,8 @@ from tests.conftest import BIN, TINY, analysed, cli, copy_project, env, params_w
 
 TASKS, METHODS = TINY["tasks"], list(TINY["merge"])
 ENCODERS = ["pretrained", "individual", *(f"merged/{m}" for m in METHODS)]
-# pretrained and merged on every task, individual on its own; the train images the router is fitted on, merged
-N_STORES = len(TASKS) * (1 + len(METHODS)) + len(TASKS) + len(TASKS) * len(METHODS)
+# pretrained and merged on every task, individual on its own; each merge entry's of the router's train images
+N_STORES = len(TASKS) * (1 + len(METHODS)) + len(TASKS) + len(METHODS)
 
 
 def stores(project: Path) -> dict[str, Path]:
@@ -72,8 +72,8 @@ def test_changing_one_merge_recomputes_only_that_methods_stores(world, tmp_path)
     done = run([str(BIN / "dvc"), "exp", "run", "-S", "merge.ties_merging.k=50"], project)
     ran = {line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"check", "merge@ties_merging", "extract", "surgery", "evaluate", "analyses"}, done.stdout
-    assert (f"extract: {2 * len(TASKS)} feature stores to compute (merged/ties_merging), "  # test split, router's
-            f"{N_STORES - 2 * len(TASKS)} up to date") in done.stdout
+    assert (f"extract: {len(TASKS) + 1} feature stores to compute (merged/ties_merging), "  # test split, router's
+            f"{N_STORES - len(TASKS) - 1} up to date") in done.stdout
     assert "surgery weight_averaging: up to date" in done.stdout  # only the changed entry's adapters retrain
     for name in ("rank", "loss", "data-ratio", "online", "curve", "adapters", "bias", "tsne"):  # those that run on it
         assert (f"analysis {name}: up to date" in done.stdout) == ("ties_merging" not in analysed(name)), name
@@ -87,18 +87,19 @@ def test_changing_one_merge_recomputes_only_that_methods_stores(world, tmp_path)
 
 
 def test_the_routers_train_images_are_encoded_by_the_merge_entries_as_params_router_says(world, tmp_path):
-    train = {name: path for name, path in stores(world).items() if name.endswith("-train.zarr")}
-    assert {name.rsplit("/", 1)[0] for name in train} == {f"merged/{m}" for m in METHODS}
-    assert {open_store(path).n_rows for path in train.values()} == {TINY["router"]["images"]}
+    train = {name: path for name, path in stores(world).items() if name.endswith("router-train.zarr")}
+    assert sorted(name.rsplit("/", 1)[0] for name in train) == sorted(f"merged/{m}" for m in METHODS)  # one each
+    assert {open_store(path).n_rows for path in train.values()} == {TINY["router"]["images"] * len(TASKS)}
     project = copy_project(world, tmp_path / "copy")
     params_with(project, project / "params.yaml", router__images=TINY["router"]["images"] // 2)
     done = cli(project, "extract", check=True)  # only the router's stores are recomputed
     assert f"extract: {len(train)} feature stores to compute" in done.stdout
-    assert {open_store(project / "features" / name).n_rows for name in train} == {TINY["router"]["images"] // 2}
+    assert {open_store(project / "features" / name).n_rows for name in train} == \
+        {TINY["router"]["images"] // 2 * len(TASKS)}
     params_with(project, project / "params.yaml", router__split="test")  # fitted on test images: none needed
     done = cli(project, "extract", check=True)
     assert "extract: 0 feature stores to compute" in done.stdout
-    assert not [name for name in stores(project) if name.endswith("-train.zarr")]
+    assert not [name for name in stores(project) if name.endswith("router-train.zarr")]
     cli(project, "evaluate", check=True)  # and evaluation routes without them
     metrics = json.loads((project / "results" / "metrics.json").read_text())["task_arithmetic"]
     assert metrics["heldout_acc"] != metrics["acc"]  # scored on the test images it was not fitted on
@@ -201,7 +202,7 @@ def test_a_chunk_damaged_on_disk_is_named_by_the_stage_that_reads_it_and_by_veri
     assert f"feature store {store} (chunk 1: {chunk}) is damaged: a chunk does not decode" in line, line
     assert "`repsurgery verify`" in line and (project / "results" / "metrics.json").read_bytes() == metrics
     done = cli(project, "verify")
-    n_stores = len(TASKS) * (len(ENCODERS) + 1 + len(METHODS))  # and Traditional MTL's, and the router's
+    n_stores = len(TASKS) * (len(ENCODERS) + 1) + len(METHODS)  # and Traditional MTL's, and the router's
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert [line for line in done.stderr.splitlines() if line] == [
         f"  feature store {store} is damaged: its data no longer match the checksum recorded when it was written. "

@@ -109,7 +109,7 @@ def test_repro_runs_the_whole_pipeline_on_a_real_source(project, real_like):
     assert not (real_like["root"] / "sentinel").exists()  # the pickle's own code never ran
     # only test splits: the router is fitted on 3 images of each and scored on the others
     assert {"routed_acc", "routed_surgery_acc", "router_acc", "heldout_acc"} <= set(metrics["weight_averaging"])
-    assert not list((project / "features").glob("merged/*/*-train.zarr"))
+    assert not list((project / "features").glob("merged/*/router-train.zarr"))
 
 
 def test_doctor_checks_a_real_source_and_warns_of_splits_smaller_than_published(project):

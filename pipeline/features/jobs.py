@@ -33,13 +33,16 @@ def build_encoder(model_dir: str, weights: str | None) -> torch.nn.Module:
     return encoder.eval()
 
 
-def build_dataset(root: str, task: str, split: str, model_dir: str,
-                  rows: tuple[int, ...] | None = None) -> torch.utils.data.Dataset:
-    """A task's split (or those of its rows) with the CLIP's validation transform (picklable:
-    Dask workers call it)."""
+def build_dataset(root: str, task: str, split: str, model_dir: str) -> datasets.ImageDataset:
+    """A task's split with the CLIP's validation transform (picklable: Dask workers call it)."""
     transform = clip.preprocess_for(clip.read_spec(Path(model_dir)))
-    dataset = datasets.ImageDataset(Path(root), task, split, transform)
-    return dataset if rows is None else torch.utils.data.Subset(dataset, list(rows))
+    return datasets.ImageDataset(Path(root), task, split, transform)
+
+
+def build_router_dataset(root: str, rows: dict[str, list[int]], model_dir: str) -> torch.utils.data.Dataset:
+    """The router's train images: those rows of each task's train split, task after task."""
+    return torch.utils.data.ConcatDataset([torch.utils.data.Subset(build_dataset(root, task, "train", model_dir), r)
+                                           for task, r in rows.items()])
 
 
 def encoder_ref(encoder: str, task: str) -> Ref:
@@ -77,29 +80,31 @@ def jobs(tasks: list[str], encoders: list[str], *, autocast: str) -> list[Job]:
 
 
 def router_jobs(params, encoders: list[str], *, autocast: str) -> list[Job]:
-    """The train images the task router is fitted on (params `router.split: train`): per task,
-    `router.images` seeded rows of its train split through every chosen merge entry's encoder."""
+    """The train images the task router is fitted on (params `router.split: train`):
+    `router.images` seeded rows of each task's train split, through every chosen merge entry's
+    encoder, into one store per entry."""
     cfg, merged = params.router, [e for e in encoders if e not in (*workspace.REFERENCE_ENCODERS, "mtl")]
     if cfg.split != "train" or not merged:
         return []
-    spec, out = clip.read_spec(workspace.PRETRAINED), []
-    for t, task in enumerate(params.tasks):
-        if not datasets.has_split(workspace.DATA, task, "train"):
-            raise PipelineError(f"task {task!r} has no train split under {workspace.DATA}/ for the router to be "
-                                "fitted on (params `router.split: train`): import it (`source.splits`), or set "
-                                "`router.split: test`")
-        data_fp = datasets.dataset_fingerprint(workspace.DATA, task, "train")
-        rows = tuple(routing.train_rows(len(datasets.labels(workspace.DATA, task, "train")), cfg.images, cfg.seed + t))
-        attrs = {"task": task, "split": "train", "dataset_fingerprint": data_fp, **router_identity(cfg),
-                 "preprocess": spec.get("preprocess") or spec.get("arch"), "autocast": autocast,
-                 "extraction_version": EXTRACTION_VERSION}
-        dataset = Ref(f"data:{data_fp}:router:{cfg.images}:{cfg.seed + t}",
-                      functools.partial(build_dataset, str(workspace.DATA.resolve()), task, "train",
-                                        str(workspace.PRETRAINED.resolve()), rows))
-        targets = [Target(encoder_ref(name, task), workspace.store(name, task, "train"),
-                          {"encoder_fingerprint": checkpoint_fingerprint(name, task), **attrs}) for name in merged]
-        out.append(Job(dataset, n_rows=len(rows), targets=targets, name=f"{task} (router, train)"))
-    return out
+    missing = [t for t in params.tasks if not datasets.has_split(workspace.DATA, t, "train")]
+    if missing:
+        raise PipelineError(f"{', '.join(missing)}: no train split under {workspace.DATA}/ for the router to be fitted "
+                            "on (params `router.split: train`): import it (`source.splits`), or set "
+                            "`router.split: test`")
+    rows = {t: routing.train_rows(len(datasets.labels(workspace.DATA, t, "train")), cfg.images, cfg.seed + i)
+            for i, t in enumerate(params.tasks)}
+    fingerprint = "-".join(datasets.dataset_fingerprint(workspace.DATA, t, "train") for t in params.tasks)
+    spec = clip.read_spec(workspace.PRETRAINED)
+    attrs = {**router_identity(cfg, params.tasks), "rows_per_task": [len(r) for r in rows.values()],
+             "dataset_fingerprint": fingerprint, "preprocess": spec.get("preprocess") or spec.get("arch"),
+             "autocast": autocast, "extraction_version": EXTRACTION_VERSION}
+    dataset = Ref(f"router:{fingerprint}:{cfg.images}:{cfg.seed}",
+                  functools.partial(build_router_dataset, str(workspace.DATA.resolve()), rows,
+                                    str(workspace.PRETRAINED.resolve())))
+    first = params.tasks[0]  # a merged encoder is the same on every task
+    targets = [Target(encoder_ref(name, first), workspace.router_store(name),
+                      {"encoder_fingerprint": checkpoint_fingerprint(name, first), **attrs}) for name in merged]
+    return [Job(dataset, n_rows=sum(map(len, rows.values())), targets=targets, name="router images (train)")]
 
 
 def feature_dim() -> int:

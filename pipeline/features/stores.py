@@ -59,39 +59,50 @@ def checkpoint_fingerprint(encoder: str, task: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def data_fingerprint(task: str, split: str = workspace.SPLIT) -> str | None:
-    """Fingerprint of the task's shards of a split now (None: no data here); hashed once per process."""
-    if not datasets.has_split(workspace.DATA, task, split):
+def data_fingerprint(task: str) -> str | None:
+    """Fingerprint of the task's test shards now (None: no data here); hashed once per process."""
+    if not datasets.has_split(workspace.DATA, task, workspace.SPLIT):
         return None
-    return datasets.dataset_fingerprint(workspace.DATA, task, split)
+    return datasets.dataset_fingerprint(workspace.DATA, task, workspace.SPLIT)
 
 
-def open_features(encoder: str, task: str, deep: bool = False, split: str = workspace.SPLIT,
-                  expect: dict | None = None) -> FeatureStore:
+def open_features(encoder: str, task: str, deep: bool = False) -> FeatureStore:
     """A task's store of one encoder, refused unless made from the weights and data here now
-    (and with the attributes `expect` gives; `deep`: also reread every chunk against its checksum)."""
-    expect = {"task": task, "split": split, **(expect or {})}
+    (`deep`: also reread every chunk against its checksum)."""
+    expect = {"task": task, "split": workspace.SPLIT}
     fp = checkpoint_fingerprint(encoder, task)
     if fp is not None:
         expect["encoder_fingerprint"] = fp
-    data_fp = data_fingerprint(task, split)
+    data_fp = data_fingerprint(task)
     if data_fp is not None:
         expect["dataset_fingerprint"] = data_fp
-    return open_store(workspace.store(encoder, task, split), expect=expect, fix_hint=fix_hint(encoder), deep=deep)
+    return open_store(workspace.store(encoder, task), expect=expect, fix_hint=fix_hint(encoder), deep=deep)
 
 
-def router_identity(cfg) -> dict:
-    """What the router's train-split stores depend on besides weights and images (params `router`)."""
-    return {"router_images": cfg.images, "router_seed": cfg.seed}
+def router_identity(cfg, tasks: list[str]) -> dict:
+    """What the router's store depends on besides weights and images (params `router`, tasks)."""
+    return {"split": "train", "tasks": tasks, "router_images": cfg.images, "router_seed": cfg.seed}
+
+
+def open_router_store(encoder: str, tasks: list[str], cfg, deep: bool = False) -> FeatureStore:
+    """A merge entry's store of the train images the router is fitted on, refused unless made
+    by the weights here now for these tasks and params `router`. Its images are not hashed here
+    (train splits can be large): `extract` checked them when it kept or wrote the store, and
+    DVC re-runs it when the data change."""
+    expect = router_identity(cfg, tasks)
+    fp = checkpoint_fingerprint(encoder, tasks[0])
+    if fp is not None:
+        expect["encoder_fingerprint"] = fp
+    return open_store(workspace.router_store(encoder), expect=expect, fix_hint=fix_hint(encoder), deep=deep)
 
 
 def router_fit(encoder: str, tasks: list[str], cfg) -> list[torch.Tensor] | None:
-    """The features the task router is fitted on, per task: the train-split stores of a merge
-    entry (`router.split: train`), or None (fitted on a share of the test features instead)."""
+    """The features the task router is fitted on, per task: a merge entry's router store
+    (`router.split: train`), or None (fitted on some of the test features instead)."""
     if cfg.split != "train":
         return None
-    return [torch.from_numpy(open_features(encoder, t, split="train", expect=router_identity(cfg)).to_numpy())
-            for t in tasks]
+    store = open_router_store(encoder, tasks, cfg)
+    return list(torch.from_numpy(store.to_numpy()).split(store.attrs["rows_per_task"]))
 
 
 def read_features(encoder: str, tasks: list[str]) -> list[torch.Tensor]:
