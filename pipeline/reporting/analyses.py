@@ -242,9 +242,8 @@ def run_adapters(ctx: Context) -> Path:
     trained = {a: sweeps.trained(datas, {**base, "adapter": a, "adapter_params": ctx.params.adapter_params(a)})
                for a in ctx.progress(names, desc="adapters, every method at once", unit="adapter")}
     titles = {None: "no surgery", **{a: adapters.get(a).label for a in names}}
-    rows, averages = [], {}
+    rows, averages, cfg = [], {}, ctx.params.router
     for m, method in enumerate(ctx.methods):
-        cfg = ctx.params.router
         routes = routing.route(ctx.features(method), cfg, router_fit(encoder_name(method), ctx.names, cfg))
         for adapter, title in titles.items():
             correct = sweeps.correct(datas[m], None if adapter is None else trained[adapter][m])
