@@ -45,7 +45,8 @@ class Router:
 
     def __init__(self, method: str, *, k: int = 10, steps: int = 200, lr: float = 0.01):
         if method not in METHODS:
-            raise PipelineError(f"unknown router {method!r}: choose one of {', '.join(METHODS)} (params `router.method`)")
+            raise PipelineError(f"unknown router {method!r}: choose one of {', '.join(METHODS)} "
+                                "(params `router.method`)")
         self.method, self.k, self.steps, self.lr = method, k, steps, lr
 
     def fit(self, features: list[torch.Tensor]) -> "Router":

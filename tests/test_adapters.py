@@ -112,7 +112,8 @@ def test_unknown_adapters_and_bad_adapter_params_are_one_line_naming_the_key(tmp
 
     base = yaml.safe_load(open("params.yaml"))
     for change, message in (
-            (lambda p: p["surgery"].update(adapter="lora"), "`surgery.adapter` = 'lora': expected a registered adapter"),
+            (lambda p: p["surgery"].update(adapter="lora"),
+             "`surgery.adapter` = 'lora': expected a registered adapter"),
             (lambda p: p["adapters"].update(lora={}), "`adapters` = 'lora': expected a registered adapter"),
             (lambda p: p["adapters"]["prob_surgery"].update(kl_weight=-1), "`adapters.prob_surgery.kl_weight` = -1"),
             (lambda p: p["surgery"].update(seeds=[0, 0]), "`surgery.seeds`"),
