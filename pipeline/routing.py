@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
+from pipeline.reporting.metrics import percent
 
 METHODS = ("nearest_centroid", "knn", "linear")
 
@@ -93,15 +94,15 @@ class Routing:
     predicted: list[torch.Tensor]  # the task the router picked for each of them
 
     def router_accuracy(self, task: int) -> float:
-        return 100.0 * (self.predicted[task] == task).float().mean().item()
+        return percent(self.predicted[task] == task)
 
     def routed_accuracy(self, task: int, correct: torch.Tensor) -> float:
         """`correct`: the oracle path's per-image correctness on the task's whole split."""
-        return 100.0 * (correct[self.rest[task]] & (self.predicted[task] == task)).float().mean().item()
+        return percent(correct[self.rest[task]] & (self.predicted[task] == task))
 
     def heldout_accuracy(self, task: int, correct: torch.Tensor) -> float:
         """The oracle's accuracy on the same images (like for like with the routed one)."""
-        return 100.0 * correct[self.rest[task]].float().mean().item()
+        return percent(correct[self.rest[task]])
 
 
 def route(features: list[torch.Tensor], cfg, fit: list[torch.Tensor] | None = None) -> Routing:

@@ -81,7 +81,7 @@ def entry_figures(merged: list[torch.Tensor], individual: list[torch.Tensor], mo
     pairs = list(zip(merged, individual))  # Eq. 1 without surgery, then with each seed's
     for t, task in enumerate(names):
         correct = metrics.correct(merged[t], heads[task], labels[task])
-        out["acc"][task] = 100.0 * correct.float().mean().item()
+        out["acc"][task] = metrics.percent(correct)
         out["heldout_acc"][task] = routes.heldout_accuracy(t, correct)
         out["routed_acc"][task] = routes.routed_accuracy(t, correct)
         out["router_acc"][task] = routes.router_accuracy(t)
@@ -91,7 +91,7 @@ def entry_figures(merged: list[torch.Tensor], individual: list[torch.Tensor], mo
         for t, task in enumerate(names):
             adapted = module(merged[t], t)
             correct = metrics.correct(adapted, heads[task], labels[task])
-            figures["surgery_acc"][task] = 100.0 * correct.float().mean().item()
+            figures["surgery_acc"][task] = metrics.percent(correct)
             figures["heldout_surgery_acc"][task] = routes.heldout_accuracy(t, correct)
             figures["routed_surgery_acc"][task] = routes.routed_accuracy(t, correct)
             pairs.append((adapted, individual[t]))

@@ -6,6 +6,7 @@ order, and a decode failure names the shard and row.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -63,11 +64,18 @@ def labels(root: Path, task: str, split: str) -> np.ndarray:
 
 
 def dataset_fingerprint(root: Path, task: str, split: str) -> str:
-    """Hash of the shards' bytes: a feature store records which images it holds."""
+    """Hash of the shards' bytes: a feature store records which images it holds. Hashed once
+    per process while the shards' names, sizes and modification times stay the same (extract
+    plans its jobs twice: the disk check, then the run)."""
+    return _hashed(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in shards(root, task, split)))
+
+
+@functools.lru_cache(maxsize=None)
+def _hashed(files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for f in shards(root, task, split):
-        digest.update(f.name.encode())
-        sha256_file(f, digest)
+    for name, _, _ in files:
+        digest.update(Path(name).name.encode())
+        sha256_file(Path(name), digest)
     return digest.hexdigest()[:16]
 
 

@@ -83,7 +83,7 @@ def router_jobs(params, encoders: list[str], *, autocast: str) -> list[Job]:
     """The train images the task router is fitted on (params `router.split: train`):
     `router.images` seeded rows of each task's train split, through every chosen merge entry's
     encoder, into one store per entry."""
-    cfg, merged = params.router, [e for e in encoders if e not in (*workspace.REFERENCE_ENCODERS, "mtl")]
+    cfg, merged = params.router, [e for e in encoders if e.startswith("merged/")]
     if cfg.split != "train" or not merged:
         return []
     missing = [t for t in params.tasks if not datasets.has_split(workspace.DATA, t, "train")]

@@ -247,7 +247,7 @@ def run_adapters(ctx: Context) -> Path:
         routes = routing.route(ctx.features(method), cfg, router_fit(encoder_name(method), ctx.names, cfg))
         for adapter, title in titles.items():
             correct = sweeps.correct(datas[m], None if adapter is None else trained[adapter][m])
-            for mode, accs in (("oracle", [100.0 * c.float().mean().item() for c in correct]),
+            for mode, accs in (("oracle", [metrics.percent(c) for c in correct]),
                                ("routed", [routes.routed_accuracy(t, c) for t, c in enumerate(correct)]),
                                ("oracle, same images", [routes.heldout_accuracy(t, c) for t, c in enumerate(correct)])):
                 rows.append(tables.row(method, f"{title}, {mode}", ctx.names, accs))
@@ -270,9 +270,9 @@ def adapters_summary(ctx: Context, averages: dict, titles: list[str]) -> str:
     head = [f"{t} ({mode})" for t in titles for mode in ("oracle", "routed")] + ["router"]
     lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for method, v in averages.items():
+        same = {t: v[f"{t} (oracle, same images)"] for t in titles}
         cells = [f"{v[f'{t} (oracle)']:.1f} | {v[f'{t} (routed)']:.1f}"
-                 + ("" if ctx.params.router.split == "train" else f" ({v[f'{t} (oracle, same images)']:.1f})")
-                 for t in titles]
+                 + ("" if same[t] == v[f"{t} (oracle)"] else f" ({same[t]:.1f})") for t in titles]
         lines.append(f"| {ctx.label(method)} | " + " | ".join(cells) + f" | {v['router']:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -16,9 +16,14 @@ def correct(features: torch.Tensor, head: torch.Tensor, labels: np.ndarray, batc
                       for i in range(0, len(features), batch)])
 
 
+def percent(hits: torch.Tensor) -> float:
+    """The share of True entries of a bool tensor, in percent."""
+    return 100.0 * hits.float().mean().item()
+
+
 def accuracy(features: torch.Tensor, head: torch.Tensor, labels: np.ndarray) -> float:
     """Top-1 accuracy in percent."""
-    return 100.0 * correct(features, head, labels).float().mean().item()
+    return percent(correct(features, head, labels))
 
 
 def over_seeds(values: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:

@@ -41,7 +41,7 @@ def correct(data: TaskSet, module: Adapter | None = None) -> list[torch.Tensor]:
 
 def accuracies(data: TaskSet, module: Adapter | None = None) -> list[float]:
     """Top-1 accuracy (%) per task on the full test features, with `module`'s surgery if given."""
-    return [100.0 * c.float().mean().item() for c in correct(data, module)]
+    return [metrics.percent(c) for c in correct(data, module)]
 
 
 def trained(datas: list[TaskSet], settings: dict, on_step=None) -> list[Adapter]:
