@@ -82,10 +82,14 @@ class Finetune(Training):
     warmup: Annotated[int, Field(ge=0)]
 
 
+Decoder = Literal["pil", "torchvision", "device"]  # who decodes and resizes: pipeline/data/preprocess.py
+
+
 class Extract(Section):
     batch_size: PositiveInt
     dtype: Literal["float32", "float16"]
     autocast: Literal["none", "bf16", "fp16"]
+    decode: Decoder = "pil"
 
 
 class SurgerySettings(Section):

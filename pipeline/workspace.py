@@ -36,6 +36,8 @@ SUMMARY = RESULTS / "summary.json"  # the averages: what `dvc metrics` and `dvc 
 ACCURACY_TABLE = RESULTS / "accuracy.md"
 ANALYSES = RESULTS / "analyses"
 BENCH_REALSIZE = RESULTS / "bench-realsize.json"  # `repsurgery bench-real-size`
+BENCH_TABLE1 = RESULTS / "bench-table1.json"  # `repsurgery bench-table1`
+BENCH_DECODE = RESULTS / "bench-decode.json"  # `repsurgery bench-decode`
 REFERENCE_ENCODERS = ("pretrained", "individual")
 
 

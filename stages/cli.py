@@ -325,6 +325,28 @@ def bench_real_size(device: str = DeviceOpt,
         quick=quick, out=out)
 
 
+@app.command("bench-decode")
+@_stage
+def bench_decode(device: str = DeviceOpt,
+                 arch: str = typer.Option("ViT-B-32-quickgelu", help="open_clip architecture whose preprocessing runs"),
+                 images: int = typer.Option(1024, min=1, help="generated 500x375 JPEGs"),
+                 batch_size: int = typer.Option(32, min=1, help="loader batch size"),
+                 workers: list[int] = typer.Option(None, "--workers", min=0, help="worker counts to time, repeatable "
+                                                   "(default: 1, 2, 4, ... up to the cores, and cores - 1)"),
+                 decode: list[str] = typer.Option(None, "--decode", help="decoders to time, repeatable: pil, "
+                                                  "torchvision, device (default: pil, torchvision, and device on a GPU)"),
+                 repeats: int = typer.Option(2, min=1, help="runs per setting; the fastest counts"),
+                 quick: bool = typer.Option(False, "--quick", help="64 images, 0 and 1 workers (a smoke test)"),
+                 out: Path = typer.Option(None, "--out", help="where the figures go (default: results/bench-decode.json)")):
+    """Decoding's images/s against loader workers, per decoder, and each decoder's pixels against PIL's
+    -> results/bench-decode.json."""
+    from pipeline.devices import pick_device
+    from stages.bench import bench_decode as run
+
+    run(pick_device(device), arch, images=images, batch_size=batch_size, workers=workers or None,
+        decode=decode or None, repeats=repeats, quick=quick, out=out)
+
+
 @app.command("build-world")
 @_stage
 def build_world(params: Path = ParamsOpt, device: str = DeviceOpt):

@@ -47,8 +47,8 @@ def extract_features(params: Params, device: torch.device, names: list[str] | No
     preflight(params, device, extra=planning.check_disk(params))
     cfg = params.extract
     chosen = planning.encoders(params, names)
-    tests = planning.jobs(params.tasks, chosen, autocast=cfg.autocast)
-    todo = tests + planning.router_jobs(params, chosen, autocast=cfg.autocast)
+    tests = planning.jobs(params.tasks, chosen, cfg)
+    todo = tests + planning.router_jobs(params, chosen)
     stale = [t for job in todo for t in job.targets if not is_done(t, cfg.dtype)]
     print(f"extract: {len(stale)} feature stores to compute "
           f"({', '.join(sorted({str(t.path.parent.relative_to(workspace.FEATURES)) for t in stale})) or 'none'}), "

@@ -30,7 +30,7 @@ def build_mtl(params: Params, device: torch.device, from_scratch: bool = False) 
     if from_scratch or not shipped.install("mtl", params):
         train(params, model, spec, device)
     ext = params.extract
-    todo = planning.jobs(names, ["mtl"], autocast=ext.autocast)
+    todo = planning.jobs(names, ["mtl"], ext)
     extract(todo, dim=model.visual.output_dim, batch_size=ext.batch_size, device=device, dtype=ext.dtype,
             autocast=planning.AUTOCAST[ext.autocast], fix_hint=planning.hint, progress=progress)
     print(f"Traditional MTL features -> {workspace.FEATURES / 'mtl'}/")

@@ -113,6 +113,19 @@ def test_a_new_dtype_recomputes_the_stores_instead_of_keeping_float32_ones(world
     assert all(open_store(p).dtype == "float16" for p in stores(project).values())
 
 
+def test_another_decoder_recomputes_the_stores_and_records_it(world, tmp_path):
+    """torchvision decoding on the device (nvjpeg where it is a GPU) makes its own stores; the world's
+    32 px PNGs decode and resize alike, so their features are PIL's."""
+    project = copy_project(world, tmp_path / "copy")
+    params_with(project, project / "params.yaml", extract__decode="device")
+    done = cli(project, "extract", check=True)
+    assert f"extract: {N_STORES} feature stores to compute" in done.stdout
+    for name, path in stores(project).items():
+        store, before = open_store(path), open_store(stores(world)[name])
+        assert store.attrs["decode"] == "device" and "decode" not in before.attrs
+        np.testing.assert_allclose(store.read(0, store.n_rows), before.read(0, before.n_rows), atol=1e-5)
+
+
 def test_unknown_encoder_is_refused(world):
     done = cli(world, "extract", "fisher")
     assert done.returncode == 1

@@ -5,6 +5,7 @@ the balance between its parts (decode, forward, write) does.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
 import tempfile
@@ -99,7 +100,7 @@ def _bare_forward(jobs: list[Job], *, batch_size: int, device: torch.device, aut
     total = 0.0
     for job in jobs:
         data = obtain(job.dataset)
-        batches = [torch.stack([data[i] for i in range(s, min(s + batch_size, job.n_rows))]).to(device)
+        batches = [job.on_device(job.collate([data[i] for i in range(s, min(s + batch_size, job.n_rows))]), device)
                    for s in range(0, job.n_rows, batch_size)]
         encoders = [encoder_on(t.encoder, device) for t in job.targets]
         _, seconds = timed(lambda: [encode(e, x, autocast) for x in batches for e in encoders], device)
@@ -116,14 +117,14 @@ def extraction_figures(make_jobs: Callable[[Path], list[Job]], *, dim: int, batc
         jobs = make_jobs(scratch / "warm")
         for job in jobs:  # build datasets and encoders, and run each once, before any clock starts
             data = obtain(job.dataset)
-            images = torch.stack([data[i] for i in range(min(batch_size, job.n_rows))]).to(device)
+            images = job.on_device(job.collate([data[i] for i in range(min(batch_size, job.n_rows))]), device)
             [encode(encoder_on(t.encoder, device), images, autocast) for t in job.targets]
         kwargs = dict(dim=dim, batch_size=batch_size, device=device, dtype=dtype, autocast=autocast,
                       progress=progress)
         bare_s = _bare_forward(jobs, batch_size=batch_size, device=device, autocast=autocast)
         split = Timings()
         _, once_s = timed(lambda: extract(make_jobs(scratch / "once"), timings=split, **kwargs), device)
-        per_encoder = [Job(j.dataset, j.n_rows, [t], j.name) for j in make_jobs(scratch / "each") for t in j.targets]
+        per_encoder = [dataclasses.replace(j, targets=[t]) for j in make_jobs(scratch / "each") for t in j.targets]
         _, each_s = timed(lambda: extract(per_encoder, **kwargs), device)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -39,7 +39,7 @@ def bench_jobs(params: Params, rows: int | None, root: Path) -> list[Job]:
     """The extract stage's jobs (every encoder, every task) on the first `rows` images of each
     task, writing under `root` instead of features/."""
     out = []
-    for job in planning.jobs(params.tasks, planning.encoders(params, None), autocast=params.extract.autocast):
+    for job in planning.jobs(params.tasks, planning.encoders(params, None), params.extract):
         n = job.n_rows if rows is None else min(rows, job.n_rows)
         dataset = Ref(f"{job.dataset.key}:{n}", functools.partial(first_rows, job.dataset.build, n))
         targets = [dataclasses.replace(t, path=root / t.path.relative_to(workspace.FEATURES)) for t in job.targets]

@@ -106,12 +106,20 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             return Image.open(io.BytesIO(self.images[index])).convert("RGB")
         except Exception as exc:
-            shard, row, name = self.origin[index]
-            named = f" ({name})" if name else ""
-            raise PipelineError(f"cannot decode image{named} at row {row} of {shard}: {exc}. "
-                                "Re-fetch or re-import this dataset, or remove the broken image from its source") from exc
+            raise self._broken(index, exc) from exc
+
+    def _broken(self, index: int, exc: Exception) -> PipelineError:
+        shard, row, name = self.origin[index]
+        named = f" ({name})" if name else ""
+        return PipelineError(f"cannot decode image{named} at row {row} of {shard}: {exc}. "
+                             "Re-fetch or re-import this dataset, or remove the broken image from its source")
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        if getattr(self.transform, "reads_bytes", False):  # pipeline.data.preprocess: decodes itself
+            try:
+                return self.transform(self.images[index])
+            except Exception as exc:
+                raise self._broken(index, exc) from exc
         image = self.decode(index)
         return self.transform(image) if self.transform else image
 
@@ -140,17 +148,25 @@ class Remembered(torch.utils.data.Dataset):
         return self.items[index]
 
 
+def cores() -> int:
+    """The cores this process may run on (its affinity: a container's or a job scheduler's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def loader_workers(rows: int) -> int:
     """Decoding worker processes for a split of `rows` images: none for small splits (starting
-    them costs more than they save), else one per spare core, at most 4."""
-    return min(4, max(0, (os.cpu_count() or 1) - 1)) if rows > 4096 else 0
+    them costs more than they save), else one per core but the main process's, which feeds the
+    encoders (on a GPU, decoding is what extraction waits for)."""
+    return max(0, cores() - 1) if rows > 4096 else 0
 
 
-def loader(dataset: torch.utils.data.Dataset, batch_size: int, *, shuffle: bool = False,
-           seed: int = 0, workers: int | None = None) -> torch.utils.data.DataLoader:
-    """Batches in dataset order (or seeded shuffled order), decoded by worker processes."""
+def loader(dataset: torch.utils.data.Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+           workers: int | None = None, collate: Callable | None = None, pin: bool = False
+           ) -> torch.utils.data.DataLoader:
+    """Batches in dataset order (or seeded shuffled order), decoded by worker processes; `pin`:
+    in page-locked memory, for asynchronous copies to a GPU."""
     if workers is None:
         workers = loader_workers(len(dataset))
     generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                                       generator=generator, num_workers=workers)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                                       num_workers=workers, collate_fn=collate, pin_memory=pin)

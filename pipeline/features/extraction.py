@@ -23,6 +23,7 @@ import torch
 
 from cache import CODE_VERSION, StoreError, StoreWriter, open_store, open_writer
 from pipeline.data.datasets import loader
+from pipeline.data.preprocess import Preprocess
 
 # Bump when the way features are computed changes (preprocessing, the encoder call): stores
 # made by older code are then recomputed rather than trusted.
@@ -51,6 +52,15 @@ class Job:
     n_rows: int
     targets: list[Target]
     name: str = ""
+    # the device half of the dataset's transform (its items are then uint8 images or bytes)
+    preprocess: Preprocess | None = None
+
+    def collate(self, items: list) -> Any:
+        return self.preprocess.collate(items) if self.preprocess else torch.utils.data.default_collate(items)
+
+    def on_device(self, batch: Any, device: torch.device) -> torch.Tensor:
+        """A batch of the loader as the encoders take it, on `device`."""
+        return self.preprocess.finish(batch, device) if self.preprocess else batch.to(device, non_blocking=True)
 
 
 @dataclass
@@ -144,10 +154,11 @@ def _run_job(job: Job, writers: list[tuple[Target, StoreWriter]], *, batch_size:
         raise ValueError(f"{job.name}: the dataset has {len(dataset)} rows, the job expected {job.n_rows}")
     first = min(w.rows_written for _, w in writers)  # always on a chunk boundary
     rows = torch.utils.data.Subset(dataset, range(first, job.n_rows))
-    batches = iter(loader(rows, batch_size, workers=workers))
+    pin = device.type == "cuda" and not (job.preprocess and job.preprocess.decode == "device")
+    batches = iter(loader(rows, batch_size, workers=workers, collate=job.collate, pin=pin))
     for _ in progress(range(-(-len(rows) // batch_size)), desc=f"extract {job.name}", unit="batch"):
         clock = time.perf_counter()
-        images = next(batches).to(device, non_blocking=True)
+        images = job.on_device(next(batches), device)
         timings.decode += time.perf_counter() - clock
         for encoder, (_, writer) in zip(encoders, writers):
             if writer.rows_written != first:

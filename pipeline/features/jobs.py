@@ -14,6 +14,7 @@ import torch
 from pipeline import routing, workspace
 from pipeline.data import datasets
 from pipeline.data.checks import Finding
+from pipeline.data.preprocess import Preprocess
 from pipeline.errors import PipelineError
 from pipeline.features.extraction import EXTRACTION_VERSION, Job, Ref, Target, is_done
 from pipeline.features.stores import checkpoint_fingerprint, fix_hint, router_identity
@@ -33,16 +34,20 @@ def build_encoder(model_dir: str, weights: str | None) -> torch.nn.Module:
     return encoder.eval()
 
 
-def build_dataset(root: str, task: str, split: str, model_dir: str) -> datasets.ImageDataset:
-    """A task's split with the CLIP's validation transform (picklable: Dask workers call it)."""
-    transform = clip.preprocess_for(clip.read_spec(Path(model_dir)))
+def build_dataset(root: str, task: str, split: str, model_dir: str, decode: str | None = None
+                  ) -> datasets.ImageDataset:
+    """A task's split with the CLIP's validation transform (picklable: Dask workers call it);
+    with a `decode`r, its host half only (`Preprocess`: the job finishes the batches on the device)."""
+    spec = clip.read_spec(Path(model_dir))
+    transform = clip.preprocess_for(spec) if decode is None else Preprocess.of(spec, decode)
     return datasets.ImageDataset(Path(root), task, split, transform)
 
 
-def build_router_dataset(root: str, rows: dict[str, list[int]], model_dir: str) -> torch.utils.data.Dataset:
+def build_router_dataset(root: str, rows: dict[str, list[int]], model_dir: str, decode: str
+                         ) -> torch.utils.data.Dataset:
     """The router's train images: those rows of each task's train split, task after task."""
-    return torch.utils.data.ConcatDataset([torch.utils.data.Subset(build_dataset(root, task, "train", model_dir), r)
-                                           for task, r in rows.items()])
+    return torch.utils.data.ConcatDataset([
+        torch.utils.data.Subset(build_dataset(root, task, "train", model_dir, decode), r) for task, r in rows.items()])
 
 
 def encoder_ref(encoder: str, task: str) -> Ref:
@@ -56,30 +61,40 @@ def encoder_ref(encoder: str, task: str) -> Ref:
                                  None if weights is None else str(weights.resolve())))
 
 
-def dataset_ref(task: str, fingerprint: str) -> Ref:
-    return Ref(f"data:{fingerprint}", functools.partial(build_dataset, str(workspace.DATA.resolve()), task,
-                                                        workspace.SPLIT, str(workspace.PRETRAINED.resolve())))
+def dataset_ref(task: str, fingerprint: str, decode: str) -> Ref:
+    return Ref(f"data:{fingerprint}:{decode}", functools.partial(
+        build_dataset, str(workspace.DATA.resolve()), task, workspace.SPLIT, str(workspace.PRETRAINED.resolve()), decode))
 
 
-def jobs(tasks: list[str], encoders: list[str], *, autocast: str) -> list[Job]:
-    """One job per task: the task's images once, through every named encoder (the individual
-    encoder of a task is that task's own fine-tuned one)."""
+def computed_by(cfg) -> dict:
+    """The store attrs of how features are computed (params `extract`): preprocessing, decoder
+    (where it is not PIL, whose stores predate the choice), autocast, extraction code."""
     spec = clip.read_spec(workspace.PRETRAINED)
+    return {"preprocess": spec.get("preprocess") or spec.get("arch"), "autocast": cfg.autocast,
+            **({"decode": cfg.decode} if cfg.decode != "pil" else {}), "extraction_version": EXTRACTION_VERSION}
+
+
+def preprocess(cfg) -> Preprocess:
+    return Preprocess.of(clip.read_spec(workspace.PRETRAINED), cfg.decode)
+
+
+def jobs(tasks: list[str], encoders: list[str], cfg) -> list[Job]:
+    """One job per task: the task's images once, through every named encoder (the individual
+    encoder of a task is that task's own fine-tuned one); `cfg`: params `extract`."""
     out = []
     for task in tasks:
         data_fp = datasets.dataset_fingerprint(workspace.DATA, task, workspace.SPLIT)
-        attrs = {"task": task, "split": workspace.SPLIT, "dataset_fingerprint": data_fp,
-                 "preprocess": spec.get("preprocess") or spec.get("arch"), "autocast": autocast,
-                 "extraction_version": EXTRACTION_VERSION}
+        attrs = {"task": task, "split": workspace.SPLIT, "dataset_fingerprint": data_fp, **computed_by(cfg)}
         targets = [Target(encoder_ref(name, task), workspace.store(name, task),
                           {"encoder_fingerprint": checkpoint_fingerprint(name, task), **attrs})
                    for name in encoders]
-        out.append(Job(dataset_ref(task, data_fp), n_rows=len(datasets.labels(workspace.DATA, task, workspace.SPLIT)),
-                       targets=targets, name=task))
+        out.append(Job(dataset_ref(task, data_fp, cfg.decode),
+                       n_rows=len(datasets.labels(workspace.DATA, task, workspace.SPLIT)), targets=targets,
+                       name=task, preprocess=preprocess(cfg)))
     return out
 
 
-def router_jobs(params, encoders: list[str], *, autocast: str) -> list[Job]:
+def router_jobs(params, encoders: list[str]) -> list[Job]:
     """The train images the task router is fitted on (params `router.split: train`):
     `router.images` seeded rows of each task's train split, through every chosen merge entry's
     encoder, into one store per entry."""
@@ -94,17 +109,17 @@ def router_jobs(params, encoders: list[str], *, autocast: str) -> list[Job]:
     rows = {t: routing.train_rows(len(datasets.labels(workspace.DATA, t, "train")), cfg.images, cfg.seed + i)
             for i, t in enumerate(params.tasks)}
     fingerprint = "-".join(datasets.dataset_fingerprint(workspace.DATA, t, "train") for t in params.tasks)
-    spec = clip.read_spec(workspace.PRETRAINED)
+    ext = params.extract
     attrs = {**router_identity(cfg, params.tasks), "rows_per_task": [len(r) for r in rows.values()],
-             "dataset_fingerprint": fingerprint, "preprocess": spec.get("preprocess") or spec.get("arch"),
-             "autocast": autocast, "extraction_version": EXTRACTION_VERSION}
-    dataset = Ref(f"router:{fingerprint}:{cfg.images}:{cfg.seed}",
+             "dataset_fingerprint": fingerprint, **computed_by(ext)}
+    dataset = Ref(f"router:{fingerprint}:{cfg.images}:{cfg.seed}:{ext.decode}",
                   functools.partial(build_router_dataset, str(workspace.DATA.resolve()), rows,
-                                    str(workspace.PRETRAINED.resolve())))
+                                    str(workspace.PRETRAINED.resolve()), ext.decode))
     first = params.tasks[0]  # a merged encoder is the same on every task
     targets = [Target(encoder_ref(name, first), workspace.router_store(name),
                       {"encoder_fingerprint": checkpoint_fingerprint(name, first), **attrs}) for name in merged]
-    return [Job(dataset, n_rows=sum(map(len, rows.values())), targets=targets, name="router images (train)")]
+    return [Job(dataset, n_rows=sum(map(len, rows.values())), targets=targets, name="router images (train)",
+                preprocess=preprocess(ext))]
 
 
 def feature_dim() -> int:
@@ -136,8 +151,7 @@ def check_disk(params) -> Iterator[Finding]:
     cfg = params.extract
     try:
         every = encoders(params, None)
-        todo = [(job.n_rows, t) for job in [*jobs(params.tasks, every, autocast=cfg.autocast),
-                                            *router_jobs(params, every, autocast=cfg.autocast)]
+        todo = [(job.n_rows, t) for job in [*jobs(params.tasks, every, cfg), *router_jobs(params, every)]
                 for t in job.targets if not is_done(t, cfg.dtype)]
         width = feature_dim()
     except PipelineError as exc:
