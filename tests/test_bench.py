@@ -6,13 +6,14 @@ import json
 import pytest
 import torch
 
-from pipeline.benchmarks import realsize
+from pipeline.benchmarks import decoding, realsize
 from pipeline.benchmarks.measure import SavedTensorMeter
 from pipeline.models import clip
 from tests.conftest import cli
 
 FIGURES = ["surgery_live_over_cached", "rank_sweep_over_one_live_run", "extract_overhead", "decode_once_speedup",
-           "adamerging_memory_ratio", "adamerging_step_ratio", "surgery_sequential_over_batched"]
+           "adamerging_memory_ratio", "adamerging_step_ratio", "adamerging_grouped_ratio",
+           "surgery_sequential_over_batched"]
 
 
 def test_quick_bench_writes_every_figure(world, tmp_path):
@@ -52,13 +53,16 @@ def test_saved_tensor_meter_counts_live_activations_once_and_frees_them():
     assert meter.current == 0
 
 
+TINY_CONFIG = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16, "layers": 1,
+                                               "head_width": 8},
+               "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1}}
+
+
 def test_real_size_bench_runs_the_extraction_path_and_reports_consistent_figures():
     """The real-size benchmark's code path on a tiny open_clip config and a few small JPEGs."""
-    config = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16, "layers": 1,
-                                              "head_width": 8},
-              "text_cfg": {"context_length": 8, "vocab_size": 32, "width": 16, "heads": 2, "layers": 1}}
-    result = realsize.run({"tiny": clip.spec_from_open_clip(config=config)}, torch.device("cpu"), images=6,
-                          workers=1, batch_size=4, repeats=2, size=(40, 30), tasks=2, images_per_task=2, steps=1)
+    result = realsize.run({"tiny": clip.spec_from_open_clip(config=TINY_CONFIG)}, torch.device("cpu"), images=6,
+                          workers=1, batch_size=4, repeats=2, size=(40, 30), tasks=2, images_per_task=2, steps=1,
+                          decode="torchvision")
     json.dumps(result)  # what the stage writes
     f = result["archs"]["tiny"]
     assert f["images"] == 6 and f["feature_dim"] == 16 and result["settings"]["workers"] == 1
@@ -77,3 +81,18 @@ def test_real_size_bench_runs_the_extraction_path_and_reports_consistent_figures
     assert step["ratio"] > 0 and (a - half) / (b + half) - half <= step["ratio"] <= (a + half) / (b - half) + half
     assert 0 < memory["task_by_task_bytes"] < memory["all_graphs_bytes"]
     assert "| tiny (0 M) | 1 |" in realsize.table(result)
+
+
+def test_decode_bench_times_every_decoder_at_every_worker_count_and_compares_their_pixels():
+    spec = clip.spec_from_open_clip(config=TINY_CONFIG)
+    result = decoding.run(spec, torch.device("cpu"), images=12, batch_size=2, repeats=1, workers=[0, 1, 2],
+                          decode=["pil", "torchvision"])
+    json.dumps(result)
+    assert [(r["decode"], r["workers"]) for r in result["runs"]] == [
+        (d, w) for d in ("pil", "torchvision") for w in (0, 1, 2)]
+    for r in result["runs"]:  # 6 batches keep at most 6 / MIN_BATCHES_PER_WORKER workers busy
+        assert r["images_per_s"] > 0 and r["startup_s"] < r["total_s"]
+        assert r["busy"] == (6 >= decoding.MIN_BATCHES_PER_WORKER * max(1, r["workers"]))
+    rate = {(r["decode"], r["workers"]): r["images_per_s"] for r in result["runs"]}
+    assert result["speedup"]["pil: 2 workers / 1"] == pytest.approx(rate["pil", 2] / rate["pil", 1], rel=1e-2)
+    assert result["pixels_against_pil"]["torchvision"]["max_levels"] <= 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.benchmarks import realsize
+from pipeline.benchmarks.photos import photo
 from pipeline.data import datasets
 from pipeline.data.importing import import_splits
 from pipeline.data.preprocess import Preprocess
@@ -38,7 +38,7 @@ def data(tmp_path_factory):
     folder = root / "jpeg" / "test" / "thing"
     folder.mkdir(parents=True)
     for i in range(6):
-        (folder / f"{i}.jpg").write_bytes(realsize.photo(rng, (300 + 17 * i, 200 + 11 * i)))
+        (folder / f"{i}.jpg").write_bytes(photo(rng, (300 + 17 * i, 200 + 11 * i)))
     for i, mode in enumerate(["RGB", "L"]):
         (folder / f"p{i}.png").write_bytes(png(rng, mode))
     import_splits(root / "jpeg", ["test"], root / "data" / "task", "task", ["thing"], ["a {}."], origin="generated")

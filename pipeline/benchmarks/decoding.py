@@ -18,10 +18,11 @@ from typing import Callable
 
 import torch
 
-from pipeline.benchmarks import realsize
+from pipeline.benchmarks.photos import PHOTO_SIZE, TASK, write_photos
 from pipeline.benchmarks.measure import sync
 from pipeline.data import datasets
 from pipeline.data.preprocess import Preprocess
+from pipeline.workspace import SPLIT
 
 MIN_BATCHES_PER_WORKER = 4
 QUICK = {"images": 64, "batch_size": 8, "repeats": 1, "workers": [0, 1]}
@@ -83,11 +84,11 @@ def run(spec: dict, device: torch.device, *, images: int = 1024, batch_size: int
     decode = decode or decoders(device)
     scratch = Path(tempfile.mkdtemp(prefix="repsurgery-decode-"))
     try:
-        print(f"generating {images} JPEGs of {realsize.PHOTO_SIZE[0]}x{realsize.PHOTO_SIZE[1]}")
-        root = realsize.write_photos(scratch, images, realsize.PHOTO_SIZE)
+        print(f"generating {images} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}")
+        root = write_photos(scratch, images, PHOTO_SIZE)
 
         def dataset_of(preprocess: Preprocess):
-            return datasets.ImageDataset(root, realsize.TASK, realsize.SPLIT, preprocess)
+            return datasets.ImageDataset(root, TASK, SPLIT, preprocess)
 
         batches = -(-images // batch_size)
         rows = []
@@ -104,7 +105,7 @@ def run(spec: dict, device: torch.device, *, images: int = 1024, batch_size: int
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"settings": {"images": images, "batch_size": batch_size, "repeats": repeats, "workers": workers,
-                         "decode": decode, "image_size": list(realsize.PHOTO_SIZE)},
+                         "decode": decode, "image_size": list(PHOTO_SIZE)},
             "runs": rows, "speedup": speedups(rows), "pixels_against_pil": agree}
 
 

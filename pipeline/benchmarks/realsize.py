@@ -16,7 +16,6 @@ the slower of the two, so its throughput over min(decode, forward) is the figure
 from __future__ import annotations
 
 import functools
-import io
 import os
 import shutil
 import tempfile
@@ -24,15 +23,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from pipeline.benchmarks import bench
+from pipeline.benchmarks import bench, decoding
 from pipeline.benchmarks.measure import timed
+from pipeline.benchmarks.photos import PHOTO_SIZE, TASK, write_photos
 from pipeline.data import datasets
-from pipeline.data.importing import import_splits
+from pipeline.data.preprocess import Preprocess
 from pipeline.features.extraction import (Job, Ref, Target, Timings, encode, encoder_on, extract, forget_built,
                                          obtain)
 from pipeline.merging.methods import adamerging
@@ -40,35 +38,9 @@ from pipeline.models import clip
 from pipeline.workspace import SPLIT
 
 ARCHS = ("ViT-B-32-quickgelu", "ViT-L-14-quickgelu")
-PHOTO_SIZE = (500, 375)  # a common size of the photos in ImageNet-like datasets
-TASK = "photos"
 QUICK = {"images": 8, "repeats": 1, "tasks": 2, "images_per_task": 1, "steps": 1}
 TASK_VECTOR_STD = 1e-3  # fine-tuning moves weights little; only the vectors' size matters here
 HEAD_CLASSES = 10
-
-
-def photo(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
-    """A JPEG that costs about what a photo costs to decode: smooth colour fields with
-    sensor-like noise at quality 90 (a pure-noise JPEG would be several times larger)."""
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
-    field = np.asarray(coarse.resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
-    pixels = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def write_photos(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:
-    """`n` generated JPEGs as the test split of one task, packed by the project's image-folder
-    import (as a real dataset would be); returns the data root."""
-    folder = root / "jpeg" / SPLIT / "photo"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        (folder / f"{i:06d}.jpg").write_bytes(photo(rng, size))
-    import_splits(root / "jpeg", [SPLIT], root / "data" / TASK, TASK, ["photo"], ["a photo of a {}."],
-                  origin="generated")
-    return root / "data"
 
 
 def random_encoder(spec: dict) -> torch.nn.Module:
@@ -89,28 +61,23 @@ def _per_s(images: int, seconds: float) -> float:
     return round(images / seconds, 3) if seconds > 0 else float("nan")
 
 
-def extraction_figures(encoder: Ref, data: Ref, scratch: Path, *, batch_size: int, workers: int, repeats: int,
-                       device: torch.device, autocast: torch.dtype | None, progress: Callable) -> dict:
+def extraction_figures(encoder: Ref, data: Ref, preprocess: Preprocess, scratch: Path, *, batch_size: int,
+                       workers: int, repeats: int, device: torch.device, autocast: torch.dtype | None,
+                       progress: Callable) -> dict:
     """Images/s of decoding alone, the bare forward and the full extraction on the same images:
     the three run in turn `repeats` times and the fastest run of each counts (on a shared
     machine, the one least slowed by other work)."""
     dataset = obtain(data)
     n = len(dataset)
     model = encoder_on(encoder, device)
-
-    def decode_all() -> torch.Tensor:
-        for batch in progress(datasets.loader(dataset, batch_size, workers=workers), desc=f"decode {encoder.key}",
-                              unit="batch", leave=False):
-            pass
-        return batch
-
     runs, splits = {"decode": [], "forward": [], "extract": []}, []
     for attempt in range(repeats):
-        last, seconds = timed(decode_all, device)
-        runs["decode"].append(seconds)
-        encode(model, last[:1].to(device), autocast)  # warm-up outside the clocks: first forward, allocator
+        runs["decode"].append(decoding.loader_run(dataset, preprocess, batch_size=batch_size, workers=workers,
+                                                  device=device)["total_s"])
         job = Job(data, n, [Target(encoder, scratch / f"features-{attempt}.zarr", {"encoder": encoder.key})],
-                  encoder.key)
+                  encoder.key, preprocess=preprocess)
+        # warm-up outside the clocks: first forward, allocator
+        encode(model, job.on_device(job.collate([dataset[0]]), device), autocast)
         runs["forward"].append(bench._bare_forward([job], batch_size=batch_size, device=device, autocast=autocast))
         splits.append(Timings())
         _, seconds = timed(lambda: extract(
@@ -156,7 +123,7 @@ def adamerging_figures(encoder: torch.nn.Module, dataset: torch.utils.data.Datas
 
 def run(specs: dict[str, dict], device: torch.device, *, images: int = 64, workers: int | None = None,
         batch_size: int = 32, repeats: int = 2, size: tuple[int, int] = PHOTO_SIZE, tasks: int = 3,
-        images_per_task: int = 2, steps: int = 1, autocast: torch.dtype | None = None,
+        images_per_task: int = 2, steps: int = 1, autocast: torch.dtype | None = None, decode: str = "pil",
         progress: Callable = lambda it=None, **kw: it) -> dict:
     """Every figure for each named spec (an open_clip architecture or model config) on `images`
     generated JPEGs of `size`; AdaMerging on `tasks` x `images_per_task` of them."""
@@ -164,7 +131,7 @@ def run(specs: dict[str, dict], device: torch.device, *, images: int = 64, worke
     started, load_before = time.perf_counter(), os.getloadavg()
     scratch = Path(tempfile.mkdtemp(prefix="repsurgery-realsize-"))
     settings = {"images": images, "image_size": list(size), "batch_size": batch_size, "workers": workers,
-                "repeats": repeats, "autocast": str(autocast),
+                "repeats": repeats, "autocast": str(autocast), "decode": decode,
                 "adamerging": {"tasks": tasks, "images_per_task": images_per_task, "steps": steps, "layer_wise": True}}
     result = {"settings": settings, "archs": {}}
     try:
@@ -174,15 +141,18 @@ def run(specs: dict[str, dict], device: torch.device, *, images: int = 64, worke
             sum(f.stat().st_size for f in (scratch / "jpeg").rglob("*.jpg")) / images / 1024, 1)
         for name, spec in specs.items():
             encoder = Ref(name, functools.partial(random_encoder, spec))
-            data = Ref(f"{name}:{TASK}", functools.partial(datasets.ImageDataset, root, TASK, SPLIT,
-                                                           clip.preprocess_for(spec)))
-            print(f"{name}: decode alone, bare forward, extraction ({images} images, {workers} workers)")
-            figures = extraction_figures(encoder, data, scratch / name, batch_size=batch_size, workers=workers,
-                                         repeats=repeats, device=device, autocast=autocast, progress=progress)
+            preprocess = Preprocess.of(spec, decode)
+            data = Ref(f"{name}:{TASK}:{decode}", functools.partial(datasets.ImageDataset, root, TASK, SPLIT,
+                                                                    preprocess))
+            print(f"{name}: decode alone, bare forward, extraction ({images} images, {workers} workers, {decode})")
+            figures = extraction_figures(encoder, data, preprocess, scratch / name, batch_size=batch_size,
+                                         workers=workers, repeats=repeats, device=device, autocast=autocast,
+                                         progress=progress)
             model = obtain(encoder)
             figures.update(parameters=sum(p.numel() for p in model.parameters()), feature_dim=model.output_dim)
             print(f"{name}: layer-wise AdaMerging, task by task vs all graphs ({tasks} tasks x {images_per_task})")
-            figures.update(adamerging_figures(model, obtain(data), tasks=tasks, images_per_task=images_per_task,
+            photos = datasets.ImageDataset(root, TASK, SPLIT, clip.preprocess_for(spec))
+            figures.update(adamerging_figures(model, photos, tasks=tasks, images_per_task=images_per_task,
                                               steps=steps, device=device))
             result["archs"][name] = figures
             del model
@@ -200,16 +170,18 @@ def table(result: dict) -> str:
     workers = result["settings"]["workers"]
     lines = ["| encoder | workers | decode alone (img/s) | forward alone (img/s) | extraction (img/s) "
              "| extraction / min bound | extraction / its own forward | AdaMerging tasks x images "
-             "| step s: task by task / all graphs | peak MiB: task by task / all graphs | memory ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| step s: task by task / all graphs | grouped step s (/ all graphs) "
+             "| peak MiB: task by task / all graphs | memory ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, f in result["archs"].items():
-        memory, step = f["adamerging_memory_ratio"], f["adamerging_step_ratio"]
+        memory, step, grouped = f["adamerging_memory_ratio"], f["adamerging_step_ratio"], f["adamerging_grouped_ratio"]
         lines.append(
             f"| {name} ({f['parameters'] / 1e6:.0f} M) | {workers} | {f['decode_images_per_s']:.1f} "
             f"| {f['forward_images_per_s']:.2f} | {f['extract_images_per_s']:.2f} "
             f"| {f['extract_over_bound']:.3f} ({f['bound']}-bound) | {f['extract_over_own_forward']:.3f} "
             f"| {memory['tasks']} x {memory['images_per_task']} "
             f"| {step['task_by_task_step_s']:.2f} / {step['all_graphs_step_s']:.2f} ({step['ratio']:.2f}) "
+            f"| {grouped['grouped_step_s']:.2f} ({grouped['ratio']:.2f}) "
             f"| {memory['task_by_task_bytes'] / 2**20:.0f} / {memory['all_graphs_bytes'] / 2**20:.0f} "
             f"| {memory['ratio']:.3f} |")
     return "\n".join(lines)

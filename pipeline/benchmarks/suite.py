@@ -129,6 +129,8 @@ FIGURES = [
      lambda f: f"{f['task_by_task_bytes'] / 2**20:.1f} MiB / {f['all_graphs_bytes'] / 2**20:.1f} MiB"),
     ("adamerging_step_ratio", "AdaMerging step time: task by task / all graphs",
      lambda f: f"{f['task_by_task_step_s']:.3f} s / {f['all_graphs_step_s']:.3f} s"),
+    ("adamerging_grouped_ratio", "AdaMerging step time as learned merges run it / all graphs",
+     lambda f: f"{f['grouped_step_s']:.3f} s / {f['grouped_step_s'] / f['ratio']:.3f} s"),
     ("surgery_sequential_over_batched", "surgery stage: tasks one after another / batched",
      lambda f: f"{f['sequential_s']:.2f} s / {f['batched_s']:.2f} s"),
 ]

@@ -28,7 +28,7 @@ from typing import Annotated
 from pydantic import Field
 
 from pipeline.merging.inputs import MergeInputs, Split
-from pipeline.merging.methods.adamerging import Positive, adapt, label, table_name
+from pipeline.merging.methods.adamerging import Positive, Precision, adapt, label, table_name
 from pipeline.merging.methods.ties_merging import TrimOver, zeros_counted
 from pipeline.merging.registry import Merged, merge_method
 from pipeline.merging.task_vectors import ties_vectors
@@ -39,11 +39,11 @@ def adamerging_pp(inputs: MergeInputs, *, layer_wise: bool = True, k: Annotated[
                   init: Annotated[float, Field(ge=0, le=1)] = 0.3, lr: Annotated[float, Field(gt=0)] = 1e-3,
                   steps: Positive = 500, batch_size: Positive = 16, batches_per_task: Positive = 2, seed: int = 0,
                   split: Split = "test", trim_over: TrimOver = "image_encoder", coefficients: str | None = None,
-                  coefficients_model: str = "auto") -> Merged:
+                  coefficients_model: str = "auto", precision: Precision = "float32") -> Merged:
     vectors = ties_vectors(inputs.vectors, k, zeros_counted(inputs, trim_over))
     result = adapt(inputs, vectors, layer_wise=layer_wise, init=init, lr=lr, steps=steps,
                    per_task=batch_size * batches_per_task, seed=seed, split=split, coefficients=coefficients,
-                   coefficients_model=coefficients_model, table=table_name(layer_wise, "pp"))
+                   coefficients_model=coefficients_model, table=table_name(layer_wise, "pp"), precision=precision)
     kept = [sum(int((v != 0).sum()) for v in tv.values()) / max(1, sum(v.numel() for v in tv.values()))
             for tv in vectors]
     result.info.update({"k": k,

@@ -14,9 +14,9 @@ g = log u - log(1 - u), u ~ U(0, 1) (a seeded generator), and the relaxed mask
 (torch's RelaxedBernoulli.rsample, as the reference draws it), and the merged weights are
 theta_0 + m * sum_t lambda_t tau_t. A mask step takes one Adam step on l against the summed
 entropy of every task's zero-shot predictions on a batch of its images. Gradients are
-accumulated task by task (the mask recomputed from the same noise for each task), so memory is
-that of one task's graph plus a few encoder-sized tensors, flat in the number of tasks; small
-images share a graph, as in AdaMerging (`task_groups`).
+accumulated group by group (the mask recomputed from the same noise for each group), tasks
+sharing a graph as far as memory allows, as in AdaMerging (`Grouping`): task by task, memory is
+that of one task's graph plus a few encoder-sized tensors, flat in the number of tasks.
 
 The final mask (`final_mask`), used by the merged model (and by Concrete AM's AdaMerging phase):
 - continuous (default, the reference's `eval_mask_type: continuous`): one relaxed sample at
@@ -65,7 +65,8 @@ import torch
 from pydantic import Field
 
 from pipeline.merging.inputs import MergeInputs, Split
-from pipeline.merging.methods.adamerging import MergeCoefficients, adapt, entropy_backward
+from pipeline.merging.methods.adamerging import (Grouping, MergeCoefficients, Precision, adapt, at_precision,
+                                                 entropy_backward)
 from pipeline.merging.registry import Merged, merge_method
 from pipeline.merging.task_vectors import StateDict, apply, sum_vectors
 
@@ -104,6 +105,7 @@ class InnerStep:
     def __init__(self, coeffs: MergeCoefficients, *, init: float, lr: float, gradient_at: InnerPoint):
         self.coeffs, self.init, self.gradient_at = coeffs, float(init), gradient_at
         self.optimiser = torch.optim.Adam([coeffs.lambdas], lr=lr, betas=(0.9, 0.999))
+        self.grouping = Grouping.on(coeffs.lambdas.device)
 
     def __call__(self, encoder: torch.nn.Module, mask: Callable[[], StateDict], heads: list[torch.Tensor],
                  batches: list[torch.Tensor]) -> float:
@@ -114,7 +116,7 @@ class InnerStep:
             with torch.no_grad():
                 lambdas.fill_(self.init)
         loss = entropy_backward(encoder, lambda: self.coeffs.merged({k: v.detach() for k, v in mask().items()}),
-                                heads, batches)
+                                heads, batches, self.grouping)
         with torch.no_grad():
             lambdas.fill_(self.init)
         self.optimiser.step()
@@ -136,6 +138,7 @@ def learn_mask(encoder: torch.nn.Module, shapes: StateDict, merged: Callable[[St
     mask_logits = {k: torch.full(v.shape, float(init_logit), device=device, requires_grad=True)
                    for k, v in shapes.items()}
     optimiser = torch.optim.Adam(list(mask_logits.values()), lr=lr, betas=(0.9, 0.999))
+    grouping = Grouping.on(device)
     curve = []
     for _ in progress(range(steps)):
         noise = {k: logistic_noise(v, generator) for k, v in mask_logits.items()}
@@ -147,7 +150,7 @@ def learn_mask(encoder: torch.nn.Module, shapes: StateDict, merged: Callable[[St
             inner(encoder, mask, heads, [next(stream).to(device) for stream in streams])
         optimiser.zero_grad(set_to_none=True)
         batches = [next(stream).to(device) for stream in streams]
-        curve.append(entropy_backward(encoder, lambda: merged(mask()), heads, batches))
+        curve.append(entropy_backward(encoder, lambda: merged(mask()), heads, batches, grouping))
         optimiser.step()
     return {k: v.detach().cpu() for k, v in mask_logits.items()}, curve
 
@@ -174,14 +177,15 @@ def final(mask_logits: StateDict, kind: FinalMask, temperature: float,
 
 
 def _mask_phase(inputs: MergeInputs, merged: Callable[[StateDict], StateDict], *, temperature, lr, steps,
-                batch_size, init_logit, seed, split, final_mask,
+                batch_size, init_logit, seed, split, final_mask, precision: Precision,
                 inner: InnerStep | None = None) -> tuple[StateDict, dict]:
     streams = [inputs.stream(t, batch_size, seed + 1000 * t, split) for t in range(len(inputs.tasks))]
     generator = torch.Generator(device=inputs.device).manual_seed(seed)
-    mask_logits, curve = learn_mask(
-        inputs.encoder, inputs.vectors[0], merged, inputs.heads, streams, temperature=temperature, steps=steps, lr=lr,
-        init_logit=init_logit, generator=generator, device=inputs.device, inner=inner,
-        progress=lambda it: inputs.progress(it, desc=f"{inputs.method} mask", unit="step"))
+    with at_precision(precision, inputs.device):
+        mask_logits, curve = learn_mask(
+            inputs.encoder, inputs.vectors[0], merged, inputs.heads, streams, temperature=temperature, steps=steps,
+            lr=lr, init_logit=init_logit, generator=generator, device=inputs.device, inner=inner,
+            progress=lambda it: inputs.progress(it, desc=f"{inputs.method} mask", unit="step"))
     mask, mask_info = final(mask_logits, final_mask, temperature, generator)
     return mask, {"mask": mask_info, "mask_loss_first": curve[0], "mask_loss_last": curve[-1]}
 
@@ -196,10 +200,11 @@ def at_scaling(inputs: MergeInputs, scaling: float) -> Callable[[StateDict], Sta
 @merge_method("concrete_task_arithmetic", label="Concrete TA", needs=("heads", "images", "device"))
 def concrete_task_arithmetic(inputs: MergeInputs, *, scaling: Rate = 0.3, temperature: Rate = 0.5, lr: Rate = 1e-3,
                              steps: Positive = 2000, batch_size: Positive = 16, init_logit: float = 0.0, seed: int = 0,
-                             final_mask: FinalMask = "continuous", split: Split = "test") -> Merged:
+                             final_mask: FinalMask = "continuous", split: Split = "test",
+                             precision: Precision = "float32") -> Merged:
     mask, info = _mask_phase(inputs, at_scaling(inputs, scaling), temperature=temperature, lr=lr, steps=steps,
                              batch_size=batch_size, init_logit=init_logit, seed=seed, split=split,
-                             final_mask=final_mask)
+                             final_mask=final_mask, precision=precision)
     return Merged(masked_task_arithmetic(inputs.pretrained, sum_vectors(inputs.vectors), mask, scaling), info)
 
 
@@ -210,7 +215,7 @@ def concrete_adamerging(inputs: MergeInputs, *, layer_wise: bool = True, scaling
                         bilevel: bool = True, inner_lr: Rate = 1.0, inner_gradient_at: InnerPoint = "previous",
                         lr: Rate = 1e-3, steps: Positive = 1000, batch_size: Positive = 16, init_logit: float = 0.0,
                         clamp: bool = False, seed: int = 0, final_mask: FinalMask = "continuous",
-                        split: Split = "test") -> Merged:
+                        split: Split = "test", precision: Precision = "float32") -> Merged:
     inner = None
     if bilevel:
         coeffs = MergeCoefficients(inputs.pretrained, inputs.vectors, layer_wise=layer_wise, init=scaling,
@@ -219,10 +224,10 @@ def concrete_adamerging(inputs: MergeInputs, *, layer_wise: bool = True, scaling
     merged = inner.coeffs.merged if inner else at_scaling(inputs, scaling)
     mask, info = _mask_phase(inputs, merged, temperature=temperature, lr=mask_lr, steps=mask_steps,
                              batch_size=batch_size, init_logit=init_logit, seed=seed, split=split,
-                             final_mask=final_mask, inner=inner)
+                             final_mask=final_mask, precision=precision, inner=inner)
     del inner, merged  # the bi-level coefficients' stacked task vectors, before AdaMerging stacks its own
     masked = [{k: mask[k] * v for k, v in tv.items()} for tv in inputs.vectors]
     result = adapt(inputs, masked, layer_wise=layer_wise, init=scaling, lr=lr, steps=steps, per_task=batch_size,
-                   seed=seed + 1, split=split, clamp=clamp)
+                   seed=seed + 1, split=split, clamp=clamp, precision=precision)
     result.info.update(info)
     return result
