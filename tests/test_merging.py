@@ -165,3 +165,17 @@ def test_the_phases_of_a_learned_merge_share_a_small_split_s_decodes():
         for _ in range(5):
             next(stream)
     assert Counting.decoded == 1 + 40  # the size check, then each image once
+
+
+def test_every_tasks_stream_of_a_large_split_gets_its_share_of_the_decode_workers(monkeypatch):
+    """A learned merge reads all tasks' streams at every step: 8 tasks on 16 cores get 2 workers
+    each rather than 15 each (120 processes)."""
+    from pipeline.data import datasets
+
+    seen = []
+    monkeypatch.setattr(datasets, "cores", lambda: 16)
+    monkeypatch.setattr(datasets, "loader", lambda *a, workers=None, **kw: seen.append(workers) or [torch.zeros(1)])
+    large = torch.utils.data.TensorDataset(torch.zeros(5000, 1))
+    inputs = MergeInputs("m", [f"t{i}" for i in range(8)], {}, [], _datasets=[large] * 8)
+    next(inputs.stream(0, 8, seed=0))
+    assert seen == [2]

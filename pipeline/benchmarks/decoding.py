@@ -10,17 +10,22 @@ batch), and a run too short to keep every worker busy (each run holds at least
 """
 from __future__ import annotations
 
+import io
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from pipeline.benchmarks.photos import PHOTO_SIZE, TASK, write_photos
 from pipeline.benchmarks.measure import sync
 from pipeline.data import datasets
+from pipeline.data.importing import IMAGE_TYPE
 from pipeline.data.preprocess import Preprocess
 from pipeline.workspace import SPLIT
 
@@ -109,6 +114,53 @@ def run(spec: dict, device: torch.device, *, images: int = 1024, batch_size: int
             "runs": rows, "speedup": speedups(rows), "pixels_against_pil": agree}
 
 
+def as_jpeg(image: bytes, scale: int, quality: int = 90) -> bytes:
+    picture = Image.open(io.BytesIO(image)).convert("RGB")
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def accuracy_effect(tasks: list[str], decode: list[str], *, scale: int = 2, batch_size: int = 256) -> dict:
+    """Each decoder's accuracy on the workspace's test images turned into JPEGs `scale` times their
+    size (so that decoding and the resize back both differ from PIL's), through each task's own
+    fine-tuned encoder and head: what a decoder's pixel differences do to predictions."""
+    from pipeline import workspace
+    from pipeline.features.jobs import build_encoder
+    from pipeline.models import clip
+    from pipeline.models.checkpoints import load_heads
+    from pipeline.models.heads import logits
+
+    spec, heads = clip.read_spec(workspace.PRETRAINED), load_heads(workspace.HEADS, tasks)
+    scratch = Path(tempfile.mkdtemp(prefix="repsurgery-decode-accuracy-"))
+    out = {}
+    try:
+        for task in tasks:
+            source = datasets.ImageDataset(workspace.DATA, task, SPLIT)
+            shard = scratch / task / "data" / f"{SPLIT}-00000-of-00001.parquet"
+            shard.parent.mkdir(parents=True)
+            pq.write_table(pa.table({"image": pa.array([{"bytes": as_jpeg(b, scale), "path": None} for b in source.images],
+                                                       type=IMAGE_TYPE), "label": pa.array(source.labels)}), shard)
+            encoder = build_encoder(str(workspace.PRETRAINED), str(workspace.finetuned_checkpoint(task)))
+            predictions = {}
+            for name in decode:
+                preprocess = Preprocess.of(spec, name)
+                data = datasets.ImageDataset(scratch, task, SPLIT, preprocess)
+                with torch.no_grad():
+                    predictions[name] = torch.cat([
+                        logits(encoder(preprocess.finish(batch, torch.device("cpu"))), heads[task]).argmax(-1)
+                        for batch in datasets.loader(data, batch_size, collate=preprocess.collate)])
+            labels = torch.as_tensor(source.labels)
+            out[task] = {name: round(100 * (p == labels).float().mean().item(), 2) for name, p in predictions.items()}
+            out[task].update({f"{name} agrees with pil": round(100 * (p == predictions["pil"]).float().mean().item(), 2)
+                              for name, p in predictions.items() if name != "pil"})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    mean = {key: round(sum(t[key] for t in out.values()) / len(out), 2) for key in next(iter(out.values()))}
+    return {"jpeg_scale": scale, "tasks": out, "mean": mean}
+
+
 def speedups(rows: list[dict]) -> dict:
     """Each decoder's steady images/s at each worker count over its own at one worker, and each
     decoder's over PIL's at the same count."""
@@ -129,6 +181,11 @@ def table(result: dict) -> str:
         lines.append(f"| {r['decode']} | {r['workers']} | {r['images_per_s']:.1f} "
                      f"| {r['with_startup_images_per_s']:.1f} | {r['startup_s']:.2f} | {'yes' if r['busy'] else 'no'} |")
     lines += ["", *(f"- {k}: {v:.2f}x" for k, v in result["speedup"].items())]
+    if "accuracy" in result:
+        effect = result["accuracy"]
+        lines += [f"- accuracy on the workspace's test images as JPEGs at {effect['jpeg_scale']}x, each task's "
+                  "fine-tuned encoder (mean over tasks): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in effect["mean"].items())]
     lines += [f"- {k} pixels against pil: at most {v['max_levels']} level(s) of 255, mean {v['mean_levels']:.4f}, "
               f"{100 * v['share_of_values_differing']:.2f} % of values differ" for k, v in result["pixels_against_pil"].items()]
     return "\n".join(lines)

@@ -106,15 +106,17 @@ class MergeInputs:
         return self._split_datasets(split)[task]
 
     def stream(self, task: int, batch_size: int, seed: int, split: str = "test") -> Iterator[torch.Tensor]:
-        """Endless shuffled batches of task `task`'s unlabeled images, reshuffled every epoch."""
-        from pipeline.data.datasets import Remembered, loader
+        """Endless shuffled batches of task `task`'s unlabeled images, reshuffled every epoch; every
+        task's stream is read at each step, so they share the cores' decode workers."""
+        from pipeline.data.datasets import Remembered, cores, loader, loader_workers
 
         dataset = self.dataset(task, split)
         if id(dataset) not in self._remembered and Remembered.fits(dataset):
             self._remembered[id(dataset)] = Remembered(dataset)  # one per split: phases (Concrete AM) share it
         dataset = self._remembered.get(id(dataset), dataset)
+        workers = loader_workers(len(dataset)) and max(1, min(loader_workers(len(dataset)), cores() // len(self.tasks)))
         for epoch in itertools.count():
-            yield from loader(dataset, batch_size, shuffle=True, seed=seed + epoch)
+            yield from loader(dataset, batch_size, shuffle=True, seed=seed + epoch, workers=workers)
 
     def sample(self, task: int, images: int, batch_size: int, seed: int, split: str = "test") -> Iterator[torch.Tensor]:
         """`images` images of the task (all of them where it has fewer), in seeded shuffled order, in
