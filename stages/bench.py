@@ -1,7 +1,8 @@
 """`repsurgery bench` (the benchmark suite on the workspace's outputs -> results/bench.json),
-`repsurgery bench-merges` (merge time and memory against the number of tasks) and
+`repsurgery bench-merges` (merge time and memory against the number of tasks),
 `repsurgery bench-real-size` (extraction and AdaMerging at ViT-B/32 and ViT-L/14 sizes ->
-results/bench-realsize.json)."""
+results/bench-realsize.json) and `repsurgery bench-table1` (the paper preset's whole run at real
+sizes, projected -> results/bench-table1.json)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,16 +29,24 @@ def bench_merges(params, device, params_file, keys: list[str], counts: list[int]
     merges.write(rows, machine(device), out)
 
 
-def bench_decode(device, arch: str, *, quick: bool = False, out: Path | None = None, **options) -> dict:
-    """Decoding's images/s against loader workers, per decoder, and each decoder's pixels against PIL's."""
+def check_decoders(names: list[str]) -> None:
+    bad = sorted(set(names) - set(get_args(Decoder)))
+    if bad:
+        raise PipelineError(f"unknown decoder {', '.join(bad)}: choose among {', '.join(get_args(Decoder))}")
+
+
+def bench_decode(device, arch: str, *, quick: bool = False, accuracy: list[str] | None = None,
+                 out: Path | None = None, **options) -> dict:
+    """Decoding's images/s against loader workers, per decoder, and each decoder's pixels against
+    PIL's; with `accuracy` (the params' tasks), each decoder's accuracy on the workspace's images."""
     out = out or workspace.BENCH_DECODE
     if quick:
         options.update(decoding.QUICK)
-    bad = sorted(set(options.get("decode") or []) - set(get_args(Decoder)))
-    if bad:
-        raise PipelineError(f"unknown decoder {', '.join(bad)}: choose among {', '.join(get_args(Decoder))}")
+    check_decoders(options.get("decode") or [])
     result = {"machine": machine(device), "arch": arch, "quick": quick,
               **decoding.run(clip.spec_from_open_clip(arch=arch), device, progress=progress, **options)}
+    if accuracy:
+        result["accuracy"] = decoding.accuracy_effect(accuracy, ["pil", "torchvision"])
     workspace.write_json(out, result)
     print(decoding.table(result))
     print(f"-> {out}")
@@ -49,6 +58,7 @@ def bench_real_size(device, archs: list[str] | None = None, *, autocast: str = "
     """Extraction and AdaMerging at the real encoders' sizes (random weights, generated JPEGs)."""
     if autocast not in AUTOCAST:
         raise PipelineError(f"unknown autocast {autocast!r}: choose among {', '.join(AUTOCAST)}")
+    check_decoders([options.get("decode", "pil")])
     out = out or workspace.BENCH_REALSIZE
     if quick:
         options.update(realsize.QUICK)
@@ -57,5 +67,29 @@ def bench_real_size(device, archs: list[str] | None = None, *, autocast: str = "
               **realsize.run(specs, device, autocast=AUTOCAST[autocast], progress=progress, **options)}
     workspace.write_json(out, result)
     print(realsize.table(result))
+    print(f"-> {out}")
+    return result
+
+
+def bench_table1(device, arch: str = "ViT-B-32-quickgelu", *, scale: float = 0.01, autocast: str = "none",
+                 quick: bool = False, out: Path | None = None) -> dict:
+    """The paper preset's whole run (every merge entry, extraction, surgery, evaluate) on a random
+    tower of `arch` and generated splits of the real sizes x `scale`, projected to scale 1."""
+    from pipeline.benchmarks import table1
+    from stages.evaluate import entry_figures
+    from stages.presets import ARCHS, paper_params
+
+    if autocast not in AUTOCAST:
+        raise PipelineError(f"unknown autocast {autocast!r}: choose among {', '.join(AUTOCAST)}")
+    table1.check_scale(scale)  # before building anything
+    out = out or workspace.BENCH_TABLE1
+    # the preset of that architecture where there is one (the merge entries are the same in all)
+    preset = next((f"paper-{key}" for key, (name, *_) in ARCHS.items() if name == arch), "paper-vit-b-32")
+    spec = clip.spec_from_open_clip(arch=arch)
+    result = {"machine": machine(device), "arch": arch, "preset": preset,
+              **table1.run(paper_params(preset), spec, device, scale=scale, quick=quick,
+                           autocast=AUTOCAST[autocast], entry_figures=entry_figures, progress=progress)}
+    workspace.write_json(out, result)
+    print(table1.table(result))
     print(f"-> {out}")
     return result

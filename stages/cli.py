@@ -311,6 +311,7 @@ def bench_real_size(device: str = DeviceOpt,
                     images_per_task: int = typer.Option(2, min=1, help="AdaMerging images per task and step"),
                     adamerging_steps: int = typer.Option(1, min=1, help="timed AdaMerging steps per variant"),
                     autocast: str = typer.Option("none", help="none | bf16 | fp16 (GPU extraction)"),
+                    decode: str = typer.Option("pil", help="pil | torchvision | device (params extract.decode)"),
                     quick: bool = typer.Option(False, "--quick", help="a few images, two tasks of one image "
                                                "(a smoke test)"),
                     out: Path = typer.Option(None, "--out", help="where the figures go (default: "
@@ -322,29 +323,54 @@ def bench_real_size(device: str = DeviceOpt,
 
     run(pick_device(device), archs or None, images=images, workers=workers, batch_size=batch_size,
         repeats=repeats, tasks=tasks, images_per_task=images_per_task, steps=adamerging_steps, autocast=autocast,
-        quick=quick, out=out)
+        decode=decode, quick=quick, out=out)
+
+
+@app.command("bench-table1")
+@_stage
+def bench_table1(device: str = DeviceOpt,
+                 arch: str = typer.Option("ViT-B-32-quickgelu", help="open_clip architecture, randomly initialised, "
+                                          "nothing downloaded"),
+                 scale: float = typer.Option(0.01, help="share of the real test-split sizes generated (e.g. 0.01 on "
+                                             "a CPU, 0.1 on a GPU); projections are to 1"),
+                 autocast: str = typer.Option("none", help="none | bf16 | fp16 (GPU extraction)"),
+                 quick: bool = typer.Option(False, "--quick", help="2 images per task and split, 1 measured step "
+                                            "per learned merge (a smoke test)"),
+                 out: Path = typer.Option(None, "--out", help="where the figures go (default: "
+                                          "results/bench-table1.json)")):
+    """A dry run of the paper preset's Table 1 with surgery (every merge entry, extract, surgery, evaluate) on a
+    random tower at real size and generated JPEGs: measured, and projected to the real split sizes."""
+    from pipeline.devices import pick_device
+    from stages.bench import bench_table1 as run
+
+    run(pick_device(device), arch, scale=scale, autocast=autocast, quick=quick, out=out)
 
 
 @app.command("bench-decode")
 @_stage
 def bench_decode(device: str = DeviceOpt,
                  arch: str = typer.Option("ViT-B-32-quickgelu", help="open_clip architecture whose preprocessing runs"),
-                 images: int = typer.Option(1024, min=1, help="generated 500x375 JPEGs"),
-                 batch_size: int = typer.Option(32, min=1, help="loader batch size"),
+                 images: int = typer.Option(None, min=1, help="generated 500x375 JPEGs (default: 4 batches per "
+                                            "worker of the largest count)"),
+                 batch_size: int = typer.Option(256, min=1, help="loader batch size (the extract stage's default)"),
                  workers: list[int] = typer.Option(None, "--workers", min=0, help="worker counts to time, repeatable "
                                                    "(default: 1, 2, 4, ... up to the cores, and cores - 1)"),
                  decode: list[str] = typer.Option(None, "--decode", help="decoders to time, repeatable: pil, "
                                                   "torchvision, device (default: pil, torchvision, and device on a GPU)"),
                  repeats: int = typer.Option(2, min=1, help="runs per setting; the fastest counts"),
                  quick: bool = typer.Option(False, "--quick", help="64 images, 0 and 1 workers (a smoke test)"),
+                 accuracy: bool = typer.Option(False, "--accuracy", help="also each decoder's accuracy on the "
+                                               "workspace's test images as JPEGs at twice their size"),
+                 params: Path = ParamsOpt,
                  out: Path = typer.Option(None, "--out", help="where the figures go (default: results/bench-decode.json)")):
     """Decoding's images/s against loader workers, per decoder, and each decoder's pixels against PIL's
     -> results/bench-decode.json."""
     from pipeline.devices import pick_device
     from stages.bench import bench_decode as run
 
+    tasks = _params(params).tasks if accuracy else None
     run(pick_device(device), arch, images=images, batch_size=batch_size, workers=workers or None,
-        decode=decode or None, repeats=repeats, quick=quick, out=out)
+        decode=decode or None, repeats=repeats, quick=quick, accuracy=tasks, out=out)
 
 
 @app.command("build-world")

@@ -222,3 +222,33 @@ def test_a_chunk_damaged_on_disk_is_named_by_the_stage_that_reads_it_and_by_veri
         f"Fix: run `repsurgery extract {METHODS[0]}` (or `dvc repro extract` for every encoder).",
         f"error: 1 of {n_stores} feature stores failed the check (above, each with its fix)"]
     assert cli(world, "verify", check=True).stdout.strip().endswith("every chunk matches its checksum")
+
+
+def test_each_encoder_is_built_once_however_many_a_job_holds(tmp_path):
+    """The paper preset runs 18 encoders per task: more than the process keeps by default, and
+    the next task's job needs 17 of them again."""
+    import collections
+    import functools
+
+    import torch
+
+    from pipeline.features.extraction import MAX_BUILT, Job, Ref, Target, extract, forget_built
+
+    builds = collections.Counter()
+
+    def encoder(key: str) -> torch.nn.Module:
+        builds[key] += 1
+        torch.manual_seed(len(key))
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+
+    def data(task: int) -> torch.utils.data.Dataset:
+        return torch.utils.data.TensorDataset(torch.randn(5, 3, 2, 2) + task)
+
+    shared = [f"merged/{i}" for i in range(MAX_BUILT + 1)]
+    jobs = [Job(Ref(f"data:{task}", functools.partial(lambda t: [x for (x,) in data(t)], task)), 5,
+                [Target(Ref(name, functools.partial(encoder, name)), tmp_path / f"{task}-{name.replace('/', '_')}.zarr",
+                        {"task": task}) for name in [*shared, f"individual/{task}"]], f"task {task}")
+            for task in range(3)]
+    forget_built()
+    extract(jobs, dim=4, batch_size=2, device=torch.device("cpu"))
+    assert set(builds.values()) == {1} and len(builds) == len(shared) + 3

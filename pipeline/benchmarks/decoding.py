@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from pipeline.benchmarks.photos import PHOTO_SIZE, TASK, write_photos
+from pipeline.benchmarks.photos import PHOTO_SIZE, TASK, pool, write_split
 from pipeline.benchmarks.measure import sync
 from pipeline.data import datasets
 from pipeline.data.importing import IMAGE_TYPE
@@ -30,6 +30,7 @@ from pipeline.data.preprocess import Preprocess
 from pipeline.workspace import SPLIT
 
 MIN_BATCHES_PER_WORKER = 4
+DISTINCT = 256  # distinct JPEGs; larger runs repeat their bytes
 QUICK = {"images": 64, "batch_size": 8, "repeats": 1, "workers": [0, 1]}
 
 
@@ -47,22 +48,21 @@ def decoders(device: torch.device) -> list[str]:
 
 
 def loader_run(dataset, preprocess: Preprocess, *, batch_size: int, workers: int, device: torch.device) -> dict:
-    """One pass of the loader over `dataset`, each batch finished on `device`."""
+    """One pass of the loader over `dataset`, each batch finished on `device`. The steady rate
+    counts from the first round on (one batch from each worker: their start and the pipeline's
+    filling), so several workers are not credited with work they did before the clock started."""
     clock = time.perf_counter()
-    first_at, first_rows, rows = None, 0, 0
+    arrivals, rows = [], []
     for batch in datasets.loader(dataset, batch_size, workers=workers, collate=preprocess.collate,
                                  pin=device.type == "cuda" and preprocess.decode != "device"):
-        images = preprocess.finish(batch, device)
-        rows += len(images)
-        if first_at is None:
-            sync(device)
-            first_at, first_rows = time.perf_counter() - clock, rows
-    sync(device)
-    total = time.perf_counter() - clock
-    steady = total - first_at
-    return {"startup_s": round(first_at, 4), "total_s": round(total, 4),
-            "images_per_s": round((rows - first_rows) / steady, 2) if steady > 0 else float("nan"),
-            "with_startup_images_per_s": round(rows / total, 2)}
+        rows.append(len(preprocess.finish(batch, device)))
+        sync(device)
+        arrivals.append(time.perf_counter() - clock)
+    round_ = min(max(1, workers), len(arrivals) - 1)  # batches of the first round
+    steady = arrivals[-1] - arrivals[round_ - 1]
+    return {"startup_s": round(arrivals[0], 4), "total_s": round(arrivals[-1], 4),
+            "images_per_s": round(sum(rows[round_:]) / steady, 2) if steady > 0 else float("nan"),
+            "with_startup_images_per_s": round(sum(rows) / arrivals[-1], 2)}
 
 
 def agreement(dataset_of: Callable[[Preprocess], torch.utils.data.Dataset], spec: dict, decode: str,
@@ -81,16 +81,19 @@ def agreement(dataset_of: Callable[[Preprocess], torch.utils.data.Dataset], spec
             "share_of_values_differing": round((levels > 0).float().mean().item(), 5)}
 
 
-def run(spec: dict, device: torch.device, *, images: int = 1024, batch_size: int = 32, repeats: int = 2,
+def run(spec: dict, device: torch.device, *, images: int | None = None, batch_size: int = 256, repeats: int = 2,
         workers: list[int] | None = None, decode: list[str] | None = None, progress: Callable = lambda it, **kw: it
         ) -> dict:
-    """Steady images/s of every decoder at every worker count (the fastest of `repeats` runs)."""
+    """Steady images/s of every decoder at every worker count (the fastest of `repeats` runs), in
+    batches of the extract stage's size; `images` by default keeps every worker busy."""
     workers = workers or default_workers()
     decode = decode or decoders(device)
+    images = images or MIN_BATCHES_PER_WORKER * batch_size * max(1, *workers)
     scratch = Path(tempfile.mkdtemp(prefix="repsurgery-decode-"))
     try:
-        print(f"generating {images} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}")
-        root = write_photos(scratch, images, PHOTO_SIZE)
+        print(f"{images} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} ({min(images, DISTINCT)} distinct)")
+        root = scratch / "data"
+        write_split(root / TASK, SPLIT, images, 1, pool(min(images, DISTINCT)))
 
         def dataset_of(preprocess: Preprocess):
             return datasets.ImageDataset(root, TASK, SPLIT, preprocess)

@@ -1,14 +1,17 @@
 """Generated photos for the real-size benchmarks: JPEGs that cost what a photo costs to
-decode, packed as a task's test split by the project's own image-folder import."""
+decode, packed as a task's splits as real datasets are (the image-folder import, or Hugging
+Face parquet shards repeating a pool of distinct JPEGs: decoding costs the same)."""
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.data.importing import import_splits
+from pipeline.data.importing import IMAGE_TYPE, ROWS_PER_SHARD, import_splits
 from pipeline.workspace import SPLIT
 
 PHOTO_SIZE = (500, 375)  # a common size of the photos in ImageNet-like datasets
@@ -37,3 +40,23 @@ def write_photos(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> Pa
     import_splits(root / "jpeg", [SPLIT], root / "data" / TASK, TASK, ["photo"], ["a photo of a {}."],
                   origin="generated")
     return root / "data"
+
+
+def pool(n: int, size: tuple[int, int] = PHOTO_SIZE, seed: int = 0) -> list[bytes]:
+    """`n` distinct generated JPEGs."""
+    rng = np.random.default_rng(seed)
+    return [photo(rng, size) for _ in range(n)]
+
+
+def write_split(folder: Path, split: str, rows: int, classes: int, jpegs: list[bytes]) -> None:
+    """`rows` images of `jpegs` (in turn) as Hugging Face parquet shards under `folder`/data,
+    labels in turn."""
+    shards = -(-rows // ROWS_PER_SHARD)
+    for index in range(shards):
+        part = range(index * ROWS_PER_SHARD, min(rows, (index + 1) * ROWS_PER_SHARD))
+        images = [{"bytes": jpegs[i % len(jpegs)], "path": f"{i:06d}.jpg"} for i in part]
+        table = pa.table({"image": pa.array(images, type=IMAGE_TYPE),
+                          "label": pa.array([i % classes for i in part], type=pa.int64())})
+        path = folder / "data" / f"{split}-{index:05d}-of-{shards:05d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)

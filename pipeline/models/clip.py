@@ -10,6 +10,8 @@ seconds, which every stage that only reads weights (a copy, a training-free merg
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,8 +42,24 @@ def build_clip(spec: dict, device: str = "cpu") -> open_clip.CLIP:
     with torch.device(device):
         if "model_cfg" in spec:
             return open_clip.CLIP(**spec["model_cfg"])
-        return open_clip.create_model(spec["arch"], pretrained=None, force_quick_gelu=spec.get("quick_gelu", False),
-                                      device=device)
+        with _quiet_about_random_weights():  # the caller loads its weights next
+            return open_clip.create_model(spec["arch"], pretrained=None,
+                                          force_quick_gelu=spec.get("quick_gelu", False), device=device)
+
+
+@contextmanager
+def _quiet_about_random_weights():
+    """Without open_clip's "No pretrained weights loaded" warning, printed for every encoder built."""
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith("No pretrained weights loaded")
+
+    drop, root = Drop(), logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def spec_from_open_clip(arch: str | None = None, config: dict | None = None, tag: str | None = None) -> dict:
