@@ -1,8 +1,9 @@
 """`repsurgery bench` (the benchmark suite on the workspace's outputs -> results/bench.json),
 `repsurgery bench-merges` (merge time and memory against the number of tasks),
 `repsurgery bench-real-size` (extraction and AdaMerging at ViT-B/32 and ViT-L/14 sizes ->
-results/bench-realsize.json) and `repsurgery bench-table1` (the paper preset's whole run at real
-sizes, projected -> results/bench-table1.json)."""
+results/bench-realsize.json), `repsurgery bench-decode` (decoding against loader workers, per
+decoder -> results/bench-decode.json) and `repsurgery bench-table1` (the paper preset's whole run
+at real sizes, projected -> results/bench-table1.json)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -43,7 +43,7 @@ def bench_jobs(params: Params, rows: int | None, root: Path) -> list[Job]:
         n = job.n_rows if rows is None else min(rows, job.n_rows)
         dataset = Ref(f"{job.dataset.key}:{n}", functools.partial(first_rows, job.dataset.build, n))
         targets = [dataclasses.replace(t, path=root / t.path.relative_to(workspace.FEATURES)) for t in job.targets]
-        out.append(Job(dataset, n, targets, job.name))
+        out.append(dataclasses.replace(job, dataset=dataset, n_rows=n, targets=targets))
     return out
 
 

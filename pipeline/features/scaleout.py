@@ -42,12 +42,12 @@ def worker_device(device: str) -> torch.device:
     return torch.device("cuda", int(name) % torch.cuda.device_count()) if str(name).isdigit() else chosen
 
 
-def extract_region(dataset: Ref, encoders: list[Ref], paths: list[str], start: int, stop: int, device: str,
+def extract_region(job: Job, encoders: list[Ref], paths: list[str], start: int, stop: int, device: str,
                    autocast: torch.dtype | None) -> tuple[int, int, list[str]]:
-    """A Dask task: rows [start, stop) of one dataset through several encoders, into their stores."""
+    """A Dask task: rows [start, stop) of one job's dataset through several encoders, into their stores."""
     place = worker_device(device)
-    data = obtain(dataset)
-    images = torch.stack([data[i] for i in range(start, stop)]).to(place, non_blocking=True)
+    data = obtain(job.dataset)
+    images = job.on_device(job.collate([data[i] for i in range(start, stop)]), place)
     for ref, path in zip(encoders, paths):
         write_region(path, start, encode(encoder_on(ref, place), images, autocast))
     return start, stop, paths
@@ -83,7 +83,7 @@ def extract_distributed(jobs: list[Job], client, *, dim: int, batch_size: int, d
         for start in range(first, job.n_rows, batch_size):
             needed = [(t, w) for t, w in opened if w.rows_written <= start]
             futures.append(client.submit(
-                extract_region, job.dataset, [t.encoder for t, _ in needed],
+                extract_region, job, [t.encoder for t, _ in needed],
                 [str(t.path.resolve()) for t, _ in needed], start, min(start + batch_size, job.n_rows),
                 str(device), autocast, pure=False, key=f"extract-{job.name}-{start}-{len(futures)}"))
     for future in progress(as_completed(futures), total=len(futures), desc="extract (dask)", unit="region"):
