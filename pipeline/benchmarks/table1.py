@@ -25,7 +25,8 @@ per-entry figures), timed, and is projected to the real sizes:
 """
 from __future__ import annotations
 
-import functools
+import contextlib
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -50,10 +51,9 @@ from pipeline.config import Params
 from pipeline.data import datasets
 from pipeline.data.catalog import PAPER_TASKS, classnames_and_templates
 from pipeline.data.importing import import_splits
-from pipeline.data.preprocess import Preprocess
 from pipeline.errors import PipelineError
 from pipeline.features import jobs as planning
-from pipeline.features.extraction import Job, Ref, Target, Timings, extract, forget_built
+from pipeline.features.extraction import Job, Target, Timings, extract, forget_built
 from pipeline.merging import registry
 from pipeline.merging.inputs import MergeInputs, load_inputs
 from pipeline.models import clip
@@ -69,7 +69,6 @@ POOL = 64  # distinct JPEGs; the splits repeat their bytes
 # matrix): cut like the learned schedules, timed by two runs (one in `--quick`).
 ITERATIONS = ("iterations",)
 HEAD_SCALE = 100.0  # CLIP's logit scale
-ROUTER_JOB = "router images (train)"
 
 
 def per_task_images(values: dict) -> int | None:
@@ -272,37 +271,21 @@ def run_merges(raw: dict, workdir: Path, *, device: torch.device, quick: bool, s
     return result
 
 
-def extraction_jobs(params: Params, spec: dict, workdir: Path) -> list[tuple[Job, int]]:
-    """The extract stage's jobs on the workspace in `workdir` (its encoder and dataset builders,
-    its decoder: params `extract.decode`), each with the rows it has at full size: per task its
-    test images through pretrained, its individual and every merged encoder; with
-    `router.split: train`, the router's train images through every merged one."""
-    decode, root, model_dir = params.extract.decode, str(workdir / workspace.DATA), str(workdir / workspace.PRETRAINED)
-    preprocess = Preprocess.of(spec, decode)
+def extraction_jobs(params: Params, workdir: Path) -> list[tuple[Job, int]]:
+    """The extract stage's own jobs (`pipeline.features.jobs`: per task its test images through
+    pretrained, its individual and every merged encoder; the router's train images through every
+    merged one) on the workspace in `workdir`, each with the rows it has at full size."""
+    with contextlib.chdir(workdir):  # the stage's paths are the workspace's, relative
+        encoders = planning.encoders(params, None)
+        jobs = [*planning.jobs(params.tasks, encoders, params.extract), *planning.router_jobs(params, encoders)]
+    full = {t: PAPER_TASKS[t].test_images for t in params.tasks}
+    return [(dataclasses.replace(job, targets=[dataclasses.replace(t, path=workdir / t.path) for t in job.targets]),
+             full.get(job.name, params.router.images * len(params.tasks))) for job in jobs]
 
-    def target(name: str, task: str, path: Path, attrs: dict) -> Target:
-        weights = workspace.checkpoint(name, task)
-        build = functools.partial(planning.build_encoder, model_dir, weights and str(workdir / weights))
-        return Target(Ref(f"encoder:{weights or name}", build), workdir / path, {"encoder": name, **attrs})
 
-    merged = [workspace.merged_encoder(key) for key in params.methods]
-    out = []
-    for task in params.tasks:
-        targets = [target(name, task, workspace.store(name, task), {"task": task, "split": SPLIT})
-                   for name in [*workspace.REFERENCE_ENCODERS, *merged]]
-        data = Ref(f"data:{task}", functools.partial(planning.build_dataset, root, task, SPLIT, model_dir, decode))
-        out.append((Job(data, n_rows=len(datasets.labels(Path(root), task, SPLIT)), targets=targets, name=task,
-                        preprocess=preprocess), PAPER_TASKS[task].test_images))
-    cfg = params.router
-    if cfg.split == "train":
-        rows = {t: routing.train_rows(len(datasets.labels(Path(root), t, "train")), cfg.images, cfg.seed + i)
-                for i, t in enumerate(params.tasks)}
-        data = Ref("data:router", functools.partial(planning.build_router_dataset, root, rows, model_dir, decode))
-        attrs = {"split": "train", "rows_per_task": [len(r) for r in rows.values()]}
-        targets = [target(name, params.tasks[0], workspace.router_store(name), attrs) for name in merged]
-        out.append((Job(data, n_rows=sum(map(len, rows.values())), targets=targets, name=ROUTER_JOB,
-                        preprocess=preprocess), cfg.images * len(params.tasks)))
-    return out
+def encoder_name(target: Target, workdir: Path) -> str:
+    """`pretrained`, `individual` or `merged/KEY`: the folder of the target's store."""
+    return str(target.path.parent.relative_to(workdir / workspace.FEATURES))
 
 
 def run_extraction(jobs: list[tuple[Job, int]], *, dim: int, params: Params, device: torch.device,
@@ -431,13 +414,13 @@ def run(raw: dict, spec: dict, device: torch.device, *, scale: float = 0.01, qui
         print(f"merge: {len(params.methods)} entries, each in its own process")
         merges = run_merges(raw, workdir, device=device, quick=quick, steps=steps, rows=sizes, progress=progress)
 
-        jobs = extraction_jobs(params, spec, workdir)
+        jobs = extraction_jobs(params, workdir)
         print(f"extract: {len(jobs)} jobs, {sum(len(j.targets) for j, _ in jobs)} feature stores")
         extraction = run_extraction(jobs, dim=settings["feature_dim"], params=params, device=device, autocast=autocast,
                                     progress=progress)
         forget_built()
 
-        stores = real_size_stores({(target.attrs["encoder"], job.name): target.path
+        stores = real_size_stores({(encoder_name(target, workdir), job.name): target.path
                                    for job, _ in jobs for target in job.targets}, workdir / "real-size", progress)
 
         def features(name: str) -> list[torch.Tensor]:  # an encoder's test features, every task
@@ -446,7 +429,7 @@ def run(raw: dict, spec: dict, device: torch.device, *, scale: float = 0.01, qui
         def router_fit(name: str) -> list[torch.Tensor] | None:  # the router's own store, as stores.router_fit
             if params.router.split != "train":
                 return None
-            store = open_store(stores[name, ROUTER_JOB])
+            store = open_store(stores[name, planning.ROUTER_JOB])
             return list(torch.from_numpy(store.to_numpy()).split(store.attrs["rows_per_task"]))
 
         merged = [workspace.merged_encoder(key) for key in params.methods]
@@ -499,8 +482,8 @@ def table(result: dict) -> str:
     for m in result["merges"]:
         lines.append(f"| merge {m['key']} ({m['label']}) | {_what(m)} | {m['measured_s']:.1f} "
                      f"| {m['projected_s']:.1f} |")
-    tests = [e for e in result["extraction"] if e["job"] != ROUTER_JOB]
-    router = [e for e in result["extraction"] if e["job"] == ROUTER_JOB]
+    tests = [e for e in result["extraction"] if e["job"] != planning.ROUTER_JOB]
+    router = [e for e in result["extraction"] if e["job"] == planning.ROUTER_JOB]
     extraction = (f"{len(tests)} tasks x {tests[0]['encoders']} encoders, {sum(e['images'] for e in tests):,} of "
                   f"{sum(e['full_images'] for e in tests):,} test images")
     if router:

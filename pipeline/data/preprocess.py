@@ -33,13 +33,12 @@ JPEG_MAGIC = b"\xff\xd8"
 @dataclass(frozen=True)
 class Preprocess:
     """open_clip's validation transform of a CLIP spec's `preprocess` settings, split at the uint8 image."""
-    spec_preprocess: tuple  # the spec's preprocess settings, as sorted items (hashable, picklable)
+    spec: dict  # the CLIP spec (pipeline.models.clip): its `preprocess` settings
     decode: Decoder = "pil"
 
     @classmethod
     def of(cls, spec: dict, decode: Decoder = "pil") -> "Preprocess":
-        made = cls(tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                                for k, v in (spec.get("preprocess") or {}).items())), decode)
+        made = cls(spec, decode)
         if decode != "pil":
             made._check_tensor_geometry()
         return made
@@ -48,8 +47,7 @@ class Preprocess:
     def _transform(self):
         from pipeline.models.clip import preprocess_for
 
-        return preprocess_for({"preprocess": {k: list(v) if isinstance(v, tuple) else v
-                                              for k, v in self.spec_preprocess}})
+        return preprocess_for(self.spec)
 
     @functools.cached_property
     def _geometry(self) -> list:

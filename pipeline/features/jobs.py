@@ -22,6 +22,7 @@ from pipeline.models import clip
 from pipeline.models.checkpoints import load_state
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ROUTER_JOB = "router images (train)"  # the job of the router's train images
 
 
 def build_encoder(model_dir: str, weights: str | None) -> torch.nn.Module:
@@ -66,31 +67,30 @@ def dataset_ref(task: str, fingerprint: str, decode: str) -> Ref:
         build_dataset, str(workspace.DATA.resolve()), task, workspace.SPLIT, str(workspace.PRETRAINED.resolve()), decode))
 
 
-def computed_by(cfg) -> dict:
-    """The store attrs of how features are computed (params `extract`): preprocessing, decoder
-    (where it is not PIL, whose stores predate the choice), autocast, extraction code."""
+def computed_by(cfg) -> tuple[dict, Preprocess]:
+    """How features are computed (params `extract`): the store attrs that record it
+    (preprocessing, the decoder where it is not PIL, whose stores predate the choice, autocast,
+    extraction code), and the jobs' preprocessing."""
     spec = clip.read_spec(workspace.PRETRAINED)
-    return {"preprocess": spec.get("preprocess") or spec.get("arch"), "autocast": cfg.autocast,
-            **({"decode": cfg.decode} if cfg.decode != "pil" else {}), "extraction_version": EXTRACTION_VERSION}
-
-
-def preprocess(cfg) -> Preprocess:
-    return Preprocess.of(clip.read_spec(workspace.PRETRAINED), cfg.decode)
+    attrs = {"preprocess": spec.get("preprocess") or spec.get("arch"), "autocast": cfg.autocast,
+             **({"decode": cfg.decode} if cfg.decode != "pil" else {}), "extraction_version": EXTRACTION_VERSION}
+    return attrs, Preprocess.of(spec, cfg.decode)
 
 
 def jobs(tasks: list[str], encoders: list[str], cfg) -> list[Job]:
     """One job per task: the task's images once, through every named encoder (the individual
     encoder of a task is that task's own fine-tuned one); `cfg`: params `extract`."""
+    computed, preprocess = computed_by(cfg)
     out = []
     for task in tasks:
         data_fp = datasets.dataset_fingerprint(workspace.DATA, task, workspace.SPLIT)
-        attrs = {"task": task, "split": workspace.SPLIT, "dataset_fingerprint": data_fp, **computed_by(cfg)}
+        attrs = {"task": task, "split": workspace.SPLIT, "dataset_fingerprint": data_fp, **computed}
         targets = [Target(encoder_ref(name, task), workspace.store(name, task),
                           {"encoder_fingerprint": checkpoint_fingerprint(name, task), **attrs})
                    for name in encoders]
         out.append(Job(dataset_ref(task, data_fp, cfg.decode),
                        n_rows=len(datasets.labels(workspace.DATA, task, workspace.SPLIT)), targets=targets,
-                       name=task, preprocess=preprocess(cfg)))
+                       name=task, preprocess=preprocess))
     return out
 
 
@@ -110,16 +110,17 @@ def router_jobs(params, encoders: list[str]) -> list[Job]:
             for i, t in enumerate(params.tasks)}
     fingerprint = "-".join(datasets.dataset_fingerprint(workspace.DATA, t, "train") for t in params.tasks)
     ext = params.extract
+    computed, preprocess = computed_by(ext)
     attrs = {**router_identity(cfg, params.tasks), "rows_per_task": [len(r) for r in rows.values()],
-             "dataset_fingerprint": fingerprint, **computed_by(ext)}
+             "dataset_fingerprint": fingerprint, **computed}
     dataset = Ref(f"router:{fingerprint}:{cfg.images}:{cfg.seed}:{ext.decode}",
                   functools.partial(build_router_dataset, str(workspace.DATA.resolve()), rows,
                                     str(workspace.PRETRAINED.resolve()), ext.decode))
     first = params.tasks[0]  # a merged encoder is the same on every task
     targets = [Target(encoder_ref(name, first), workspace.router_store(name),
                       {"encoder_fingerprint": checkpoint_fingerprint(name, first), **attrs}) for name in merged]
-    return [Job(dataset, n_rows=sum(map(len, rows.values())), targets=targets, name="router images (train)",
-                preprocess=preprocess(ext))]
+    return [Job(dataset, n_rows=sum(map(len, rows.values())), targets=targets, name=ROUTER_JOB,
+                preprocess=preprocess)]
 
 
 def feature_dim() -> int:

@@ -114,7 +114,9 @@ class MergeInputs:
         if id(dataset) not in self._remembered and Remembered.fits(dataset):
             self._remembered[id(dataset)] = Remembered(dataset)  # one per split: phases (Concrete AM) share it
         dataset = self._remembered.get(id(dataset), dataset)
-        workers = loader_workers(len(dataset)) and max(1, min(loader_workers(len(dataset)), cores() // len(self.tasks)))
+        workers = loader_workers(len(dataset))
+        if workers:
+            workers = max(1, min(workers, cores() // len(self.tasks)))
         for epoch in itertools.count():
             yield from loader(dataset, batch_size, shuffle=True, seed=seed + epoch, workers=workers)
 
