@@ -14,8 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e .
 	touch $@
 
-# The test extras apart: open_clip imports transformers when it is installed, 1.5 s in
-# each of the pipeline's dozen processes that build a model.
+# The test extras apart (pytest and its plugins), so that `make repro` installs only the pipeline.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -e '.[test]'
 	touch $@

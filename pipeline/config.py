@@ -38,6 +38,16 @@ class World(Section):
     clutter: Annotated[int, Field(ge=0)]
 
 
+class TextWorld(Section):
+    """The miniature text world (pipeline/world/texts.py): generated texts of `length` words, a
+    share `noise` of them random words of the whole vocabulary."""
+    seed: int
+    n_train: PositiveInt
+    n_test: PositiveInt
+    length: PositiveInt
+    noise: Share
+
+
 class Tower(Section):
     width: PositiveInt
     layers: PositiveInt
@@ -56,6 +66,21 @@ class Model(Section):
     embed_dim: PositiveInt
     vision: VisionTower
     text: TextTower
+
+
+class TextModel(Section):
+    """The miniature world's BERT (transformers' BertConfig sizes), and the token length of its inputs."""
+    hidden: PositiveInt
+    layers: PositiveInt
+    heads: PositiveInt
+    intermediate: PositiveInt
+    max_length: Annotated[int, Field(ge=3)]  # [CLS] ... [SEP]
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"`hidden` ({self.hidden}) must be a multiple of `heads` ({self.heads})")
+        return self
 
 
 class Training(Section):
@@ -80,6 +105,13 @@ class Pretrain(Training):
 
 class Finetune(Training):
     warmup: Annotated[int, Field(ge=0)]
+
+
+class MaskedLM(Training):
+    """BERT's pretraining objective on the text world's unlabeled corpus: `mask` of the tokens
+    hidden (BERT's 80/10/10 split of [MASK], random and kept tokens)."""
+    corpus: PositiveInt  # sentences
+    mask: Fraction
 
 
 Decoder = Literal["pil", "torchvision", "device"]  # who decodes and resizes: pipeline/data/preprocess.py
@@ -209,7 +241,7 @@ class Source(Section):
     # where a merge entry learns from training images (`split: train`: Fisher Merging, RegMean)
     splits: Annotated[list[Literal["test", "train"]], Field(min_length=1)] = ["test"]
     pretrained: PretrainedSource
-    finetuned: dict[str, str]
+    finetuned: dict[str, str] = {}  # text encoders: none (stage finetuned trains them)
     datasets: dict[str, str]
     classnames: dict[str, list[str]] = {}
     templates: dict[str, list[str]] = {}
@@ -224,7 +256,11 @@ class MergeEntry(BaseModel):
     params: BaseModel
 
 
+MODALITIES = ("image", "text")
+
+
 class Params(Section):
+    modality: Literal["image"] = "image"  # image: CLIP image encoders; text: BERT text encoders (TextParams)
     tasks: Annotated[list[str], Field(min_length=1)]
     source: Literal["world"] | dict[str, Any]  # a mapping becomes a `Source` in `validate`
     world: World
@@ -245,6 +281,10 @@ class Params(Section):
     @property
     def is_world(self) -> bool:
         return self.source == "world"
+
+    @property
+    def is_text(self) -> bool:
+        return False
 
     @property
     def methods(self) -> list[str]:
@@ -281,6 +321,24 @@ class Params(Section):
         """The adapters the `adapters` analysis compares: those it lists, or every registered one
         (params `adapters` order first)."""
         return list(self.analyses.adapters.adapters or self._adapters)
+
+
+class TextParams(Params):
+    """`modality: text`: the paper's NLP experiment (Appendix B.2), BERT encoders on text tasks;
+    its world, model and pretraining sections are the text world's."""
+    modality: Literal["text"]
+    world: TextWorld
+    model: TextModel
+    pretrain: MaskedLM
+
+    @property
+    def is_text(self) -> bool:
+        return True
+
+    def labels(self) -> dict[str, str]:
+        """A text encoder has no zero-shot head: the pretrained row reads its features through the
+        fine-tuned heads."""
+        return {"pretrained": "Pretrained (fine-tuned heads)", **super().labels()}
 
 
 def merge_entries(section: dict[str, dict]) -> dict[str, MergeEntry]:
@@ -352,8 +410,11 @@ def _from_validation(exc: ValidationError, prefix: str = "") -> PipelineError:
 def validate(raw: Any) -> Params:
     if not isinstance(raw, dict):
         raise PipelineError("params must be a mapping of sections (tasks, source, merge, surgery, ...)")
+    modality = raw.get("modality", "image")
+    if modality not in MODALITIES:
+        raise _error("modality", modality, f"one of {', '.join(MODALITIES)} (image: CLIP image encoders, text: BERT)")
     try:
-        params = Params.model_validate(raw)
+        params = (TextParams if modality == "text" else Params).model_validate(raw)
     except ValidationError as exc:
         raise _from_validation(exc) from None
     if not params.is_world:
@@ -400,17 +461,28 @@ def _check_splits(params: Params) -> None:
 
 def _check_tasks(params: Params) -> None:
     if params.is_world:
-        from pipeline.world.images import TASK_NAMES
+        if params.is_text:
+            from pipeline.world.texts import TASK_NAMES
+        else:
+            from pipeline.world.images import TASK_NAMES
 
         unknown = [t for t in params.tasks if t not in TASK_NAMES]
         if unknown:
-            raise _error("tasks", unknown, f"tasks of the miniature world: {', '.join(TASK_NAMES)}")
+            raise _error("tasks", unknown, f"tasks of the miniature {params.modality} world: {', '.join(TASK_NAMES)}")
         return
-    for key in ("datasets", "finetuned"):
+    for key in ("datasets",) if params.is_text else ("datasets", "finetuned"):
         lacking = [t for t in params.tasks if t not in getattr(params.source, key)]
         if lacking:
             raise _error(f"source.{key}", sorted(getattr(params.source, key)), f"an entry for every task "
                          f"(missing: {', '.join(lacking)})")
+    if params.is_text:  # no published text fine-tunes: stage finetuned trains each encoder with its head
+        if params.source.finetuned:
+            raise _error("source.finetuned", params.source.finetuned, "{} for text encoders: stage finetuned "
+                         "fine-tunes each task's encoder with its head (params `finetune`), as no BERT fine-tunes "
+                         "with heads of this form are published (docs/text.md)")
+        if "train" not in params.source.splits:
+            raise _error("source.splits", params.source.splits, "a list that holds train: the text encoders are "
+                         "fine-tuned here, on their train splits")
 
 
 def read_yaml(path: Path) -> Any:

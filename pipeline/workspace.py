@@ -22,6 +22,7 @@ FINETUNED = MODELS / "finetuned"
 MERGED = MODELS / "merged"
 SURGERY = MODELS / "surgery"
 HEADS = MODELS / "heads.safetensors"
+FINETUNED_HEADS = FINETUNED / "_heads.safetensors"  # a text encoder's heads, fine-tuned with it (stage heads reads them)
 MTL = MODELS / "mtl"
 MTL_ENCODER = MTL / "encoder.safetensors"
 FEATURES = Path("features")

@@ -15,17 +15,17 @@ from stages.world import build_data, build_finetuned, build_pretrained
 
 def build_world(params: Params, device: torch.device) -> None:
     """`repsurgery build-world`: the world's data and every encoder from scratch, through the
-    stages' own code, then shipped with the code (pipeline/assets/world) for `dvc repro` to use."""
+    stages' own code, then shipped with the code (pipeline/assets/world, or text-world) for `dvc repro` to use."""
     if not params.is_world:
         raise PipelineError("`repsurgery build-world` builds the miniature world's encoders, but params `source` is "
                             "not `world`")
     start = time.perf_counter()
     build_data(params)
     build_pretrained(params, device, from_scratch=True)
-    build_heads(params, device)
     build_finetuned(params, device, from_scratch=True)
+    build_heads(params, device)
     build_mtl(params, device, from_scratch=True)
     seconds = round(time.perf_counter() - start)
     shipped.publish(params, {"command": "repsurgery build-world", "torch": torch.__version__, "device": str(device),
                              "threads": torch.get_num_threads(), "seconds": seconds})
-    print(f"world built from scratch in {seconds} s and shipped -> {shipped.ROOT}/ (commit it with the code)")
+    print(f"world built from scratch in {seconds} s and shipped -> {shipped.root(params)}/ (commit it with the code)")

@@ -144,11 +144,12 @@ def compare_with_published(results: dict, family: str, arch: str | None) -> None
     """Record beside each entry the figures published for its key in the run's checkpoint family
     (`published`: family, architecture, source, acc / surgery_acc), and say loudly where the
     zero-shot or individual accuracy is far below them."""
-    rows = published.rows(family, arch)
+    rows = {figure: published.rows(family, arch, figure) for figure in ("acc", "bias")}
     for key, figures in results.items():
-        found = {figure: published.comparable(rows[name], figures[figure])
-                 for figure, name in (("acc", key), ("surgery_acc", key + published.SURGERY))
-                 if name in rows and figure in figures}
+        found = {figure: published.comparable(rows[kind][name], figures[figure], family)
+                 for figure, kind, name in (("acc", "acc", key), ("surgery_acc", "acc", key + published.SURGERY),
+                                            ("bias", "bias", key), ("surgery_bias", "bias", key + published.SURGERY))
+                 if name in rows[kind] and figure in figures}
         if found:
             figures["published"] = {**published.describe(family, arch), **found}
     for encoder, check in CHECKS.items():

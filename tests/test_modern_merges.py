@@ -11,13 +11,15 @@ from pipeline.merging.methods.consensus_task_arithmetic import tall_masks
 from pipeline.merging.methods.iso_c import isotropic
 from pipeline.merging.methods.iso_cts import iso_cts_matrix, subspace_sizes
 from pipeline.merging.methods.tsv_merging import tsv_matrix
-from pipeline.merging.methods.wudi_merging import LINEAR, wudi_matrix
+from pipeline.merging.methods.wudi_merging import wudi_matrix
 
 KEYS = {  # an open_clip image tower's tensor kinds (one block), small
     "conv1.weight": (8, 3, 4, 4), "class_embedding": (8,), "positional_embedding": (5, 8), "ln_pre.weight": (8,),
     "transformer.resblocks.0.attn.in_proj_weight": (24, 8), "transformer.resblocks.0.attn.in_proj_bias": (24,),
     "transformer.resblocks.0.attn.out_proj.weight": (8, 8), "transformer.resblocks.0.mlp.c_fc.weight": (32, 8),
     "transformer.resblocks.0.mlp.c_proj.weight": (8, 32), "proj": (8, 6)}
+# the layers WUDI's authors' code merges (vit/wudi_main.py): the blocks' linear weights by name
+LINEAR = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def inputs(n_tasks: int = 3, seed: int = 0) -> MergeInputs:

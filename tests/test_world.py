@@ -117,8 +117,8 @@ def assets(tmp_path, monkeypatch):
     from pipeline.world import shipped
 
     root = tmp_path / "assets" / "world"
-    monkeypatch.setattr(shipped, "ROOT", root)
-    monkeypatch.setattr(shipped, "MANIFEST", root / "manifest.json")
+    monkeypatch.setitem(shipped.ROOTS, "image", root)
+    monkeypatch.setitem(shipped.ROOTS, "text", root.with_name("text-world"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("REPSURGERY_QUIET", "1")
     return root
@@ -191,17 +191,22 @@ def test_a_damaged_shipped_encoder_is_refused_with_its_fix(assets):
     assert not workspace.PRETRAINED.exists()
 
 
-def test_the_default_params_use_the_shipped_encoders_and_they_are_intact():
+def test_the_default_params_and_the_text_world_use_the_shipped_encoders_and_they_are_intact():
+    import yaml
+
     from pipeline import config
     from pipeline.world import shipped
+    from stages.presets import preset_text
 
-    params = config.load(ROOT / "params.yaml")
-    built = shipped.manifest()
-    assert built is not None, "run `repsurgery build-world` and commit pipeline/assets/world"
-    for part in shipped.PARTS:
-        assert shipped.differences(params, part) == "", f"{part}: rebuild with `repsurgery build-world`"
-        for name, sha in built["parts"][part]["files"].items():
-            assert sha256_file(shipped.ROOT / part / name).hexdigest() == sha
+    assert (ROOT / "params.yaml").read_text() == preset_text("world")
+    for preset in ("world", "text-world"):
+        params = config.validate(yaml.safe_load(preset_text(preset)))
+        built = shipped.manifest(shipped.root(params))
+        assert built is not None, f"run `repsurgery build-world` on the {preset} preset and commit its assets"
+        for part in shipped.PARTS:
+            assert shipped.differences(params, part) == "", f"{preset} {part}: rebuild with `repsurgery build-world`"
+            for name, sha in built["parts"][part]["files"].items():
+                assert sha256_file(shipped.root(params) / part / name).hexdigest() == sha
 
 
 def test_the_committed_default_results_meet_the_world_s_goals():

@@ -20,7 +20,7 @@ from PIL import Image
 
 from pipeline import workspace
 from pipeline.data import datasets
-from pipeline.data.catalog import PAPER_TASKS
+from pipeline.data.catalog import PAPER_TASKS, TEXT_TASKS
 from pipeline.data.importing import missing_shards
 from pipeline.errors import PipelineError
 
@@ -45,6 +45,8 @@ REIMPORT = "re-fetch or re-import it (`repsurgery fetch`, then `dvc repro -f dat
 def _expected_rows(params, task: str) -> int | None:
     if params.is_world:
         return params.world.n_test
+    if params.is_text:
+        return TEXT_TASKS[task].test_rows if task in TEXT_TASKS else None
     return PAPER_TASKS[task].test_images if task in PAPER_TASKS else None
 
 
@@ -78,7 +80,7 @@ def check_data(params, *, decode: bool, progress: Callable = lambda it, **kw: it
         if expected is not None and rows != expected and not gaps:  # a subset may be on purpose: a warning
             yield Finding("data", f"{task}: {rows} test images where the published split has {expected}",
                           REIMPORT + " (unless you chose a subset)", warning=True)
-        if decode:
+        if decode and "image" in pq.read_schema(files[0]).names:
             yield from _decode_all(task, progress)
 
 
@@ -97,14 +99,14 @@ def _decode_all(task: str, progress: Callable) -> Iterator[Finding]:
 
 
 def check_heads(params) -> Iterator[Finding]:
-    """One zero-shot head per task, with one row per class name and the model's embedding width."""
-    from pipeline.models import clip
+    """One head per task, with one row per class name and the encoder's feature width."""
+    from pipeline.models import encoders
     from pipeline.models.checkpoints import load_state
 
     fix = "run `repsurgery heads` (or `dvc repro heads`)"
     try:
         heads = load_state(workspace.HEADS)
-        width = clip.build_clip(clip.read_spec(workspace.PRETRAINED), device="meta").text_projection.shape[1]
+        width = encoders.feature_dim(workspace.PRETRAINED)
     except PipelineError as exc:
         yield Finding("heads", str(exc).rstrip("."), fix)
         return

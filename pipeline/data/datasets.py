@@ -1,8 +1,9 @@
-"""Image classification splits stored as Hugging Face publishes them.
+"""Classification splits stored as Hugging Face publishes them.
 
 A task folder holds `task.json` (class names, templates) and `data/<split>-*.parquet` shards
-with columns `image` = {bytes, path} and `label`. Images are decoded with PIL, in dataset
-order, and a decode failure names the shard and row.
+with columns `image` = {bytes, path} (images) or `text` (texts), and `label`. Images are
+decoded with PIL, in dataset order, and a decode failure names the shard and row; texts are
+tokenized once, whole.
 """
 from __future__ import annotations
 
@@ -122,6 +123,22 @@ class ImageDataset(torch.utils.data.Dataset):
                 raise self._broken(index, exc) from exc
         image = self.decode(index)
         return self.transform(image) if self.transform else image
+
+
+class TextDataset(torch.utils.data.Dataset):
+    """A split's texts as token ids (`tokenize`: texts -> (N, length) ids), tokenized once: a
+    test split of the paper's text tasks is a few MB of ids."""
+
+    def __init__(self, root: Path, task: str, split: str, tokenize: Callable[[list[str]], torch.Tensor]):
+        tables = [pq.read_table(shard, columns=["text", "label"]) for shard in shards(root, task, split)]
+        self.labels = np.concatenate([t.column("label").to_numpy() for t in tables])
+        self.ids = tokenize([text for t in tables for text in t.column("text").to_pylist()])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.ids[index]
 
 
 class Remembered(torch.utils.data.Dataset):

@@ -53,6 +53,13 @@ def model_patterns(ref: HubRef) -> list[list[str]]:
     return [[f"{sub}config.json", f"{sub}*.safetensors"], [f"{sub}config.json", f"{sub}pytorch_model.bin"]]
 
 
+def bert_patterns(ref: HubRef) -> list[list[str]]:
+    """A BERT model folder: its config and WordPiece vocabulary with safetensors weights, else the .bin."""
+    sub = f"{ref.subfolder}/" if ref.subfolder else ""
+    return [[f"{sub}config.json", f"{sub}vocab.txt", f"{sub}model.safetensors"],
+            [f"{sub}config.json", f"{sub}vocab.txt", f"{sub}pytorch_model.bin"]]
+
+
 def dataset_patterns(ref: HubRef, split: str) -> list[list[str]]:
     sub = f"{ref.subfolder}/" if ref.subfolder else ""
     return [[f"{sub}{split}-*.parquet", f"{sub}data/{split}-*.parquet"]]

@@ -1,5 +1,8 @@
 """Bringing a real dataset's splits into the project's layout: `<task>/task.json` plus
-`<task>/data/<split>-*.parquet` with columns `image` = {bytes, path} and `label`.
+`<task>/data/<split>-*.parquet` with columns `image` = {bytes, path} (or `text`) and `label`.
+
+Text datasets (Hugging Face parquet) are rewritten shard by shard into `text` (the dataset's
+text columns joined by a space) and `label`.
 
 Two sources: Hugging Face parquet shards (linked, not rewritten, so their bytes and hence
 the dataset fingerprint stay those of the published files) and image folders with one
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
 
 from cache.files import atomic_path
@@ -86,6 +90,41 @@ def import_parquet(src: Path, split: str, out: Path, n_classes: int) -> int:
     return rows
 
 
+def import_text_parquet(src: Path, split: str, out: Path, columns: tuple[str, ...], label: str,
+                        n_classes: int) -> int:
+    """A text dataset's split, each shard rewritten with its text columns joined into `text`."""
+    shards = parquet_shards(src, split)
+    if not shards:
+        raise PipelineError(f"no `{split}-*.parquet` shards under {src}")
+    gaps = missing_shards(shards)
+    if gaps:
+        raise PipelineError(f"{src}: the {split} split is incomplete, {', '.join(gaps)} missing (a download cut "
+                            "short?): run `repsurgery fetch` again, or copy the missing shards there")
+    rows = 0
+    for shard in shards:
+        names = pq.read_schema(shard).names
+        lacking = [c for c in (*columns, label) if c not in names]
+        if lacking:
+            raise PipelineError(f"{shard}: expected text column(s) {', '.join(columns)} and label column {label}, "
+                                f"lacks {', '.join(lacking)} (found {', '.join(names)})")
+        table = pq.read_table(shard, columns=[*columns, label])
+        parts = [pa.compute.fill_null(table.column(c).cast(pa.string()), "") for c in columns]
+        text = parts[0] if len(parts) == 1 else pa.compute.binary_join_element_wise(*parts, " ")
+        labels = table.column(label).cast(pa.int64())
+        if not len(labels):
+            raise PipelineError(f"{shard} holds no rows (a download cut short, or the wrong file?): replace it")
+        low, high = pa.compute.min(labels).as_py(), pa.compute.max(labels).as_py()
+        if low < 0 or high >= n_classes:
+            raise PipelineError(f"{shard}: labels span {low}..{high}, but the task has {n_classes} class names: "
+                                "wrong dataset, label column or class names for this task?")
+        path = out / "data" / shard.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            pq.write_table(pa.table({"text": text, "label": labels}), tmp)
+        rows += len(labels)
+    return rows
+
+
 def image_folder_split(src: Path, split: str, only: bool = True) -> Path:
     """`src/<split>/<class>/...` when that folder exists, else `src/<class>/...` where `split` is
     the only split imported (a second split never reads the first one's images)."""
@@ -122,9 +161,10 @@ def import_image_folder(src: Path, split: str, out: Path, classnames: list[str],
 
 
 def import_splits(src: Path, splits: Sequence[str], out: Path, task: str, classnames: list[str],
-                  templates: list[str], origin: str, progress: Callable = lambda it, **kw: it) -> dict[str, int]:
+                  templates: list[str], origin: str, progress: Callable = lambda it, **kw: it,
+                  text: tuple[tuple[str, ...], str] | None = None) -> dict[str, int]:
     """Import the `splits` of `task` from `src` (parquet shards or image folders) into `out`;
-    returns the rows of each.
+    returns the rows of each. `text`: a text dataset's (text columns, label column).
 
     Built under a temporary name and swapped in only when every split is complete: a failed
     import keeps the previous `out` and leaves nothing that looks like a task.
@@ -137,7 +177,10 @@ def import_splits(src: Path, splits: Sequence[str], out: Path, task: str, classn
     rows, kinds = {}, set()
     try:
         for split in splits:
-            if parquet_shards(src, split):
+            if text is not None:
+                rows[split] = import_text_parquet(src, split, tmp, *text, len(classnames))
+                kinds.add("text-parquet")
+            elif parquet_shards(src, split):
                 rows[split] = import_parquet(src, split, tmp, len(classnames))
                 kinds.add("parquet")
             elif looks_like_image_folder(src):

@@ -17,11 +17,17 @@ def cache_dir(src) -> Path:
 
 
 def pretrained_hub_ref(pretrained) -> hub.HubRef | None:
-    """Where open_clip publishes the weights of an (arch, tag) pair; None for a local file."""
+    """Where the pretrained weights are on the Hub: a model folder named `hf://...` (a text
+    encoder's: config, vocabulary and weights), or where open_clip publishes an (arch, tag)
+    pair's; None for a local path."""
     weights = str(pretrained.weights)
-    if Path(weights).expanduser().suffix in (".pt", ".bin", ".pth", ".safetensors") or not pretrained.arch:
+    if hub.is_hub(weights):
+        return hub.parse(weights, "model")
+    if Path(weights).expanduser().exists() or Path(weights).expanduser().suffix in (".pt", ".bin", ".pth", ".safetensors") or not pretrained.arch:
         return None
-    import open_clip  # seconds to import, and only this function needs it
+    from pipeline.models import clip
+
+    open_clip = clip.open_clip_module()  # seconds to import, and only this function needs it
 
     cfg = open_clip.get_pretrained_cfg(pretrained.arch, weights)
     if not cfg.get("hf_hub"):
@@ -36,9 +42,10 @@ def fetch_items(src, tasks: list[str]) -> list[tuple[str, hub.HubRef, list[list[
     items = []
     ref = pretrained_hub_ref(src.pretrained)
     if ref:
-        items.append((f"pretrained {src.pretrained.arch}", ref, PRETRAINED_FILES))
+        files = hub.bert_patterns(ref) if hub.is_hub(str(src.pretrained.weights)) else PRETRAINED_FILES
+        items.append((f"pretrained {src.pretrained.arch}", ref, files))
     for task in tasks:
-        if hub.is_hub(src.finetuned[task]):
+        if hub.is_hub(src.finetuned.get(task)):
             ref = hub.parse(src.finetuned[task], "model")
             items.append((f"fine-tuned {task}", ref, hub.model_patterns(ref)))
         if hub.is_hub(src.datasets[task]):
@@ -63,7 +70,7 @@ def local(ref: str, kind: str, src, what: str) -> Path:
 
 def pretrained_weights(src) -> Path:
     ref = pretrained_hub_ref(src.pretrained)
-    if ref is None:
+    if ref is None or hub.is_hub(str(src.pretrained.weights)):  # a file, or a model folder
         return local(str(src.pretrained.weights), "model", src, "pretrained weights")
     from huggingface_hub import try_to_load_from_cache
 
@@ -86,8 +93,9 @@ def check(src, tasks: list[str]) -> dict:
     manifest_path = cache_dir(src) / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     entries = [("pretrained weights", str(src.pretrained.weights), "pretrained")]
-    for task in tasks:
-        entries += [(f"fine-tuned {task}", src.finetuned[task], "model"), (f"task {task}", src.datasets[task], "dataset")]
+    for task in tasks:  # a text task without a fine-tuned entry is fine-tuned here
+        entries += [(f"fine-tuned {task}", src.finetuned[task], "model")] if task in src.finetuned else []
+        entries += [(f"task {task}", src.datasets[task], "dataset")]
     record, missing = {}, []
     for what, ref, kind in entries:
         try:

@@ -18,7 +18,7 @@ from pipeline.data.preprocess import Preprocess
 from pipeline.errors import PipelineError
 from pipeline.features.extraction import EXTRACTION_VERSION, Job, Ref, Target, is_done
 from pipeline.features.stores import checkpoint_fingerprint, fix_hint, router_identity
-from pipeline.models import clip
+from pipeline.models import bert, clip, encoders as encoders_
 from pipeline.models.checkpoints import load_state
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,8 +26,8 @@ ROUTER_JOB = "router images (train)"  # the job of the router's train images
 
 
 def build_encoder(model_dir: str, weights: str | None) -> torch.nn.Module:
-    """The image tower of the CLIP in `model_dir` with `weights` (picklable: Dask workers call it)."""
-    encoder = clip.image_encoder(Path(model_dir))
+    """The encoder of the pretrained model in `model_dir` with `weights` (picklable: Dask workers call it)."""
+    encoder = encoders_.encoder(Path(model_dir))
     if weights is not None:
         encoder.load_state_dict(load_state(Path(weights), like=encoder.state_dict()))
     for p in encoder.parameters():
@@ -36,12 +36,15 @@ def build_encoder(model_dir: str, weights: str | None) -> torch.nn.Module:
 
 
 def build_dataset(root: str, task: str, split: str, model_dir: str, decode: str | None = None
-                  ) -> datasets.ImageDataset:
-    """A task's split with the CLIP's validation transform (picklable: Dask workers call it);
-    with a `decode`r, its host half only (`Preprocess`: the job finishes the batches on the device)."""
-    spec = clip.read_spec(Path(model_dir))
-    transform = clip.preprocess_for(spec) if decode is None else Preprocess.of(spec, decode)
-    return datasets.ImageDataset(Path(root), task, split, transform)
+                  ) -> torch.utils.data.Dataset:
+    """A task's split as the encoder takes it (picklable: Dask workers call it): images with the
+    CLIP's validation transform, with a `decode`r its host half only (`Preprocess`: the job
+    finishes the batches on the device); or texts as token ids."""
+    model_dir = Path(model_dir)
+    transform = None
+    if decode is not None and not encoders_.is_text(model_dir):
+        transform = Preprocess.of(clip.read_spec(model_dir), decode)
+    return encoders_.dataset(Path(root), task, split, model_dir, transform)
 
 
 def build_router_dataset(root: str, rows: dict[str, list[int]], model_dir: str, decode: str
@@ -67,10 +70,13 @@ def dataset_ref(task: str, fingerprint: str, decode: str) -> Ref:
         build_dataset, str(workspace.DATA.resolve()), task, workspace.SPLIT, str(workspace.PRETRAINED.resolve()), decode))
 
 
-def computed_by(cfg) -> tuple[dict, Preprocess]:
+def computed_by(cfg) -> tuple[dict, Preprocess | None]:
     """How features are computed (params `extract`): the store attrs that record it
     (preprocessing, the decoder where it is not PIL, whose stores predate the choice, autocast,
     extraction code), and the jobs' preprocessing."""
+    if encoders_.is_text(workspace.PRETRAINED):  # token ids: nothing to finish on the device
+        return {**bert.identity(workspace.PRETRAINED), "autocast": cfg.autocast,
+                "extraction_version": EXTRACTION_VERSION}, None
     spec = clip.read_spec(workspace.PRETRAINED)
     attrs = {"preprocess": spec.get("preprocess") or spec.get("arch"), "autocast": cfg.autocast,
              **({"decode": cfg.decode} if cfg.decode != "pil" else {}), "extraction_version": EXTRACTION_VERSION}
@@ -124,7 +130,7 @@ def router_jobs(params, encoders: list[str]) -> list[Job]:
 
 
 def feature_dim() -> int:
-    return clip.build_clip(clip.read_spec(workspace.PRETRAINED)).visual.output_dim
+    return encoders_.feature_dim(workspace.PRETRAINED)
 
 
 def hint(target: Target) -> str:

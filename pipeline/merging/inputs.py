@@ -55,8 +55,9 @@ class MergeInputs:
         from pipeline.models import clip
 
         if self.spec is None:
-            raise PipelineError(f"merge method {self.method!r}: the pretrained CLIP's architecture is unknown here, "
-                                "so the reference code's state-dict layout cannot be built")
+            raise PipelineError(f"merge method {self.method!r}: the reference code's state-dict layout is that of a "
+                                "CLIP image encoder, and the pretrained model here is none (a text encoder, or a test's "
+                                "bare weights): use the method's default, which needs no layout")
         return clip.reference_layout(self.spec)
 
     @property
@@ -133,26 +134,26 @@ class MergeInputs:
 
 def load_inputs(method, tasks: list[str], *, device: torch.device, progress: Callable) -> MergeInputs:
     """Read the workspace's pretrained and fine-tuned encoders, and whatever else `method` needs."""
-    from pipeline.data.datasets import ImageDataset, has_split
-    from pipeline.models import clip
+    from pipeline.data.datasets import has_split
+    from pipeline.models import clip, encoders
     from pipeline.models.checkpoints import load_heads, load_state
 
-    if "images" in method.needs:  # forward passes: the image tower itself
-        encoder = clip.image_encoder(workspace.PRETRAINED)
+    model_dir = workspace.PRETRAINED
+    if "images" in method.needs:  # forward passes: the encoder itself
+        encoder = encoders.encoder(model_dir)
         pretrained = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     else:  # weights only, without building the model (and importing open_clip: seconds per merge)
-        encoder, pretrained = None, clip.image_state(workspace.PRETRAINED)
+        encoder, pretrained = None, encoders.weights(model_dir)
     finetuned = [load_state(workspace.finetuned_checkpoint(t), like=pretrained,
                             hint="Run `repsurgery prepare-finetuned` to create it.") for t in tasks]
     inputs = MergeInputs(method.name, list(tasks), pretrained, finetuned, encoder=encoder, progress=progress,
                          device=device if "device" in method.needs else torch.device("cpu"),
-                         spec=clip.read_spec(workspace.PRETRAINED))
+                         spec=None if encoders.is_text(model_dir) else clip.read_spec(model_dir))
     if "heads" in method.needs:
         heads = load_heads(workspace.HEADS, tasks)
         inputs._heads = [heads[t] for t in tasks]
-    if "images" in method.needs:
-        transform = clip.preprocess_for(clip.read_spec(workspace.PRETRAINED))
-        inputs._datasets = [ImageDataset(workspace.DATA, t, workspace.SPLIT, transform) for t in tasks]
-        inputs._open = lambda task, split: (ImageDataset(workspace.DATA, task, split, transform)
+    if "images" in method.needs:  # a text encoder's batches are token ids: the same declaration
+        inputs._datasets = [encoders.dataset(workspace.DATA, t, workspace.SPLIT, model_dir) for t in tasks]
+        inputs._open = lambda task, split: (encoders.dataset(workspace.DATA, task, split, model_dir)
                                             if has_split(workspace.DATA, task, split) else None)
     return inputs

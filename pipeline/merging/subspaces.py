@@ -2,14 +2,21 @@
 tensors count as layer matrices, the nearest orthogonal matrix, and a merge that treats
 matrices one way and every other tensor another.
 
-Layer matrices are the 2-D tensors of the image encoder, as every reference decides it
-(`len(shape) == 2`, the text tower's `text_projection` aside, which an image encoder does not
-hold): the attention in/out projections, the MLP's c_fc / c_proj, the output `proj` and also
-`positional_embedding` (2-D too). Everything else (the patch-embedding convolution, class
-embedding, biases, LayerNorms) takes the mean of the task vectors, as the references do.
+Layer matrices are the 2-D tensors of the encoder, as every reference decides it
+(`len(shape) == 2`, CLIP's text-side `text_projection` aside, which an image encoder does not
+hold): in a CLIP image tower the attention in/out projections, the MLP's c_fc / c_proj, the
+output `proj` and also `positional_embedding` (2-D too); in a BERT also its embedding tables
+and pooler. Everything else (the patch-embedding convolution, class embedding, biases,
+LayerNorms) takes the mean of the task vectors, as the references do.
+
+Block linears (WUDI's choice) are found by name and shape, for any family: the 2-D tensors
+inside a numbered transformer block (`...resblocks.N.` in open_clip, `...layer.N.` in BERT),
+which are exactly the blocks' linear weights (attention in/out or query/key/value/output, and
+the MLP's two); embeddings, the pooler and the output projection are outside the blocks.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Literal
 
 import torch
@@ -19,6 +26,13 @@ from pipeline.merging.task_vectors import StateDict
 
 def is_layer_matrix(key: str, tensor: torch.Tensor) -> bool:
     return tensor.dim() == 2 and "text_projection" not in key
+
+
+BLOCK = re.compile(r"\.\d+\.")  # a numbered block's part of a tensor name
+
+
+def is_block_linear(key: str, tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 2 and BLOCK.search(key) is not None
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Any supported fine-tuned checkpoint -> the canonical form: an open_clip image-encoder
-state dict (the names of `CLIP.visual.state_dict()`), checked against the architecture.
+state dict (the names of `CLIP.visual.state_dict()`), or for a text encoder a BertModel's,
+checked against the architecture.
 
 Supported inputs:
 - open_clip state dicts (`.safetensors`, `.pt`/`.bin`), whole-model (`visual.*`, possibly
@@ -9,6 +10,8 @@ Supported inputs:
   taken from the base (pretrained) encoder, as fine-tuning kept it frozen;
 - the Task Arithmetic release's pickled `ImageEncoder` objects, read by the restricted
   unpickler (no code from the file, no open_clip 2.0.2, no `src` package).
+- BERT (text family): a BertModel state dict, or a BertFor* model's (`bert.*`, its task head
+  dropped), as a file or a Hugging Face model folder.
 Nothing is ever unpickled with code execution: `.pt` files go through `weights_only`
 loading first and the restricted unpickler otherwise.
 """
@@ -138,6 +141,8 @@ def to_canonical(src: Path, reference: StateDict) -> tuple[StateDict, str]:
     """
     tensors, kind = read_tensors(src)
     tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    if BERT_KEY in reference:
+        return _text_encoder(tensors, reference, src), kind
     visual = open_clip_visual(tensors)
     if visual is None:
         visual = hf_visual(tensors, reference.get("proj"), str(src))
@@ -148,3 +153,19 @@ def to_canonical(src: Path, reference: StateDict) -> tuple[StateDict, str]:
                             f"embeddings.patch_embedding.weight among its {len(tensors)} tensors, e.g. {sample})")
     check_compatible(visual, reference, where=str(src))
     return {k: visual[k].to(reference[k].dtype).contiguous() for k in reference}, kind
+
+
+BERT_KEY = "embeddings.word_embeddings.weight"
+
+
+def _text_encoder(tensors: StateDict, reference: StateDict, src: Path) -> StateDict:
+    """A BERT encoder's tensors, under a BertModel's names (a BertFor* model's `bert.` prefix
+    dropped, and its task head)."""
+    prefix = next((p for p in ("", "bert.") if p + BERT_KEY in tensors), None)
+    if prefix is None:
+        sample = ", ".join(sorted(tensors)[:4])
+        raise PipelineError(f"{src}: not a BERT encoder (no {BERT_KEY} or bert.{BERT_KEY} among its {len(tensors)} "
+                            f"tensors, e.g. {sample})")
+    encoder = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix):] in reference}
+    check_compatible(encoder, reference, where=str(src))
+    return {k: encoder[k].to(reference[k].dtype).contiguous() for k in reference}

@@ -33,12 +33,19 @@ def arch_key(arch: str | None) -> str | None:
     return arch.removesuffix("-quickgelu") if arch else None
 
 
-def rows(family: str, arch: str | None) -> dict[str, dict[str, float]]:
-    """key (`+surgery` suffixed for surgery rows) -> {task: %, ..., "avg": %}, the figures the source
-    prints (some print only the average); {} where nothing is published."""
+def tasks(family: str) -> list[str]:
+    """The tasks a family's rows hold, in order (the eight image tasks unless it names its own)."""
     table = _table()
-    published = table["families"].get(family, {}).get(arch_key(arch) or "", {})
-    return {key: {name: v for name, v in zip([*table["tasks"], "avg"], values) if v is not None}
+    return table["families"].get(family, {}).get("tasks", table["tasks"])
+
+
+def rows(family: str, arch: str | None, figure: str = "acc") -> dict[str, dict[str, float]]:
+    """key (`+surgery` suffixed for surgery rows) -> {task: %, ..., "avg": %}, the figures the source
+    prints (some print only the average); {} where nothing is published. `figure`: acc, or bias
+    (the representation bias of Eq. 1, where the family publishes it)."""
+    family_rows = _table()["families"].get(family, {})
+    published = (family_rows.get("bias", {}) if figure == "bias" else family_rows).get(arch_key(arch) or "", {})
+    return {key: {name: v for name, v in zip([*tasks(family), "avg"], values) if v is not None}
             for key, values in published.items()}
 
 
@@ -54,11 +61,11 @@ def describe(family: str, arch: str | None) -> dict:
             "source": info.get("source", "")}
 
 
-def comparable(row: dict[str, float], figure: dict[str, float]) -> dict[str, float]:
+def comparable(row: dict[str, float], figure: dict[str, float], family: str) -> dict[str, float]:
     """The published figures for the run's tasks; the average only where the run has all of the
     family's tasks."""
     out = {t: v for t, v in row.items() if t in figure and t != "avg"}
-    if set(figure) - {"avg"} == set(_table()["tasks"]) and "avg" in row:
+    if set(figure) - {"avg"} == set(tasks(family)) and "avg" in row:
         out["avg"] = row["avg"]
     return out
 

@@ -1,5 +1,10 @@
-"""Fine-tuning one image encoder per task with its zero-shot head frozen (Task Arithmetic's recipe:
-AdamW, weight decay 0.1, cosine schedule with warm-up, cross-entropy, no label smoothing)."""
+"""Fine-tuning one encoder per task (Task Arithmetic's recipe: AdamW, weight decay 0.1, cosine
+schedule with warm-up, cross-entropy, no label smoothing): an image encoder with its zero-shot
+head frozen; a text encoder, which has no zero-shot head, with its own head trained beside it
+(`train_head`), from the normalised class means of the pretrained features (x HEAD_SCALE).
+
+Every head has the zero-shot heads' form, logits = normalize(features) @ head.T, so evaluation,
+surgery and the learned merges use a fine-tuned text head exactly as they use a CLIP one."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import datasets
-from pipeline.models import clip
+from pipeline.models import encoders
 from pipeline.models.heads import logits
+
+HEAD_SCALE = 20.0  # a new head's row norm: the logit of a class whose mean the feature points at
 
 
 def cosine_factor(step: int, steps: int, warmup: int) -> float:
@@ -22,26 +29,45 @@ def cosine_factor(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def train_images(root: Path, task: str, spec: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A task's whole train split, decoded and preprocessed once, with its labels."""
-    dataset = datasets.ImageDataset(root, task, "train", clip.preprocess_for(spec))
+def train_inputs(root: Path, task: str, model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A task's whole train split as the encoder in `model_dir` takes it (images decoded and
+    preprocessed once, or token ids), with its labels."""
+    dataset = encoders.dataset(root, task, "train", model_dir)
     return torch.cat(list(datasets.loader(dataset, 1024))), torch.as_tensor(dataset.labels)
 
 
-def finetune(encoder: torch.nn.Module, head: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, *,
+@torch.no_grad()
+def initial_head(encoder: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, classes: int,
+                 device: torch.device) -> torch.Tensor:
+    """A new head: each class's mean normalised feature under `encoder`, less the mean of the
+    classes' (pretrained features share one direction, which tells no class apart), normalised,
+    x HEAD_SCALE."""
+    encoder = encoder.to(device).eval()
+    features = torch.cat([F.normalize(encoder(inputs[i:i + 512].to(device)).float(), dim=-1).cpu()
+                          for i in range(0, len(inputs), 512)])
+    labels = torch.as_tensor(labels)
+    sums = torch.zeros(classes, features.shape[1]).index_add_(0, labels, features)
+    means = sums / torch.bincount(labels, minlength=classes).clamp(min=1)[:, None]
+    return F.normalize(means - means.mean(0), dim=-1) * HEAD_SCALE
+
+
+def finetune(encoder: torch.nn.Module, head: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, *,
              steps: int, batch_size: int, lr: float, weight_decay: float, warmup: int, seed: int,
-             device: torch.device, progress: Callable = lambda it: it) -> dict[str, torch.Tensor]:
+             device: torch.device, train_head: bool = False, progress: Callable = lambda it: it
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The fine-tuned encoder's state dict and the head (trained beside it with `train_head`)."""
     generator = torch.Generator().manual_seed(seed)
     encoder = copy.deepcopy(encoder).to(device).train()
-    head = head.to(device)
-    optimiser = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=weight_decay)
+    head = torch.nn.Parameter(head.detach().clone().to(device), requires_grad=train_head)
+    optimiser = torch.optim.AdamW([*encoder.parameters(), *([head] if train_head else [])], lr=lr,
+                                  weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: cosine_factor(s, steps, warmup))
     labels = torch.as_tensor(labels)
     for _ in progress(range(steps)):
-        rows = torch.randint(len(images), (batch_size,), generator=generator)
-        loss = F.cross_entropy(logits(encoder(images[rows].to(device)), head), labels[rows].to(device))
+        rows = torch.randint(len(inputs), (batch_size,), generator=generator)
+        loss = F.cross_entropy(logits(encoder(inputs[rows].to(device)), head), labels[rows].to(device))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         schedule.step()
-    return {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in encoder.state_dict().items()}, head.detach().cpu()

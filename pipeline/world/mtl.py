@@ -1,5 +1,6 @@
-"""Traditional MTL (the paper's upper reference): one image encoder fine-tuned jointly on every
-task's training data, each task through its own frozen zero-shot head.
+"""Traditional MTL (the paper's upper reference): one encoder fine-tuned jointly on every task's
+training data, each task through its own frozen head (the zero-shot one, or in the text world
+the head fine-tuned with the task's own encoder).
 
 Same recipe and budget as the individual fine-tuning (AdamW, weight decay, cosine schedule
 with warm-up): each step draws `batch_size` images of *every* task, so after `steps` steps each

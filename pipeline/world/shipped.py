@@ -20,19 +20,27 @@ from cache.files import sha256_file, temporary_sibling
 from pipeline import workspace
 from pipeline.errors import PipelineError
 
-ROOT = Path(__file__).resolve().parents[1] / "assets" / "world"
-MANIFEST = ROOT / "manifest.json"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ROOTS = {"image": ASSETS / "world", "text": ASSETS / "text-world"}  # each modality's world, shipped apart
+ROOT = ROOTS["image"]
 PARTS = {"pretrained": workspace.PRETRAINED, "finetuned": workspace.FINETUNED, "mtl": workspace.MTL}
 WORLD = ("tasks", "world", "model", "pretrain")
 SECTIONS = {"pretrained": WORLD, "finetuned": (*WORLD, "finetune"), "mtl": (*WORLD, "mtl")}  # what shapes each part
-CODE = ("images.py", "pretrain.py", "finetune.py", "mtl.py")  # the world's code that shapes the encoders
+CODE = {  # the world's code that shapes the encoders (files of pipeline/world)
+    "image": ("images.py", "pretrain.py", "finetune.py", "mtl.py"),
+    "text": ("texts.py", "mlm.py", "finetune.py", "mtl.py"),
+}
+
+
+def root(params) -> Path:
+    return ROOTS[params.modality]
 
 
 def recipe(params, part: str) -> dict[str, Any]:
     """What a shipped part is a function of: the params sections that shape it and the world's code."""
     dumped = params.model_dump()
     code = hashlib.sha256()
-    for name in CODE:
+    for name in CODE[params.modality]:
         sha256_file(Path(__file__).with_name(name), code)
     return {"params": {key: dumped[key] for key in SECTIONS[part]}, "code": code.hexdigest()}
 
@@ -41,32 +49,33 @@ def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
-def manifest() -> dict | None:
-    if not MANIFEST.exists():
+def manifest(folder: Path = ROOT) -> dict | None:
+    path = folder / "manifest.json"
+    if not path.exists():
         return None
-    fix = f"Restore it with `git checkout -- {ROOT}`, or rebuild every shipped encoder with `repsurgery build-world`"
+    fix = f"Restore it with `git checkout -- {folder}`, or rebuild every shipped encoder with `repsurgery build-world`"
     try:
-        shipped = json.loads(MANIFEST.read_text())
+        shipped = json.loads(path.read_text())
     except ValueError as exc:
-        raise PipelineError(f"{MANIFEST} is not valid JSON ({exc}). {fix}") from None
+        raise PipelineError(f"{path} is not valid JSON ({exc}). {fix}") from None
     parts = shipped.get("parts") if isinstance(shipped, dict) else None
     missing = [part for part in PARTS
                if not isinstance(parts, dict) or not {"files", "recipe"} <= set(parts.get(part, {}))]
     if missing:
-        raise PipelineError(f"{MANIFEST} lacks the files or recipe of {', '.join(missing)}. {fix}")
+        raise PipelineError(f"{path} lacks the files or recipe of {', '.join(missing)}. {fix}")
     return shipped
 
 
 def differences(params, part: str) -> str:
     """Why the shipped `part` does not fit these params ("" when it does)."""
-    shipped = manifest()
+    shipped = manifest(root(params))
     if shipped is None:
-        return f"none are shipped ({MANIFEST} is missing)"
+        return f"none are shipped ({root(params) / 'manifest.json'} is missing)"
     current, built = recipe(params, part), shipped["parts"][part]["recipe"]
     changed = [f"params `{key}`" for key in SECTIONS[part]
                if not _same(current["params"][key], built["params"].get(key))]
     if current["code"] != built["code"]:
-        changed.append(f"world code ({', '.join(CODE)} in pipeline/world)")
+        changed.append(f"world code ({', '.join(CODE[params.modality])} in pipeline/world)")
     return f"the shipped ones were built with other {', '.join(changed)}" if changed else ""
 
 
@@ -77,33 +86,34 @@ def install(part: str, params) -> bool:
     if why:
         print(f"{part}: building from scratch, as {why} (`repsurgery build-world` ships new ones)")
         return False
-    files = manifest()["parts"][part]["files"]
+    folder = root(params)
+    files = manifest(folder)["parts"][part]["files"]
     for name, sha in files.items():
-        source = ROOT / part / name
+        source = folder / part / name
         if not source.exists() or sha256_file(source).hexdigest() != sha:
             raise PipelineError(f"shipped world encoder file {source} is missing or damaged (its sha256 is not the "
-                                f"one in {MANIFEST}). Restore it with `git checkout -- {ROOT}`, or rebuild every "
-                                "shipped encoder with `repsurgery build-world`")
+                                f"one in {folder / 'manifest.json'}). Restore it with `git checkout -- {folder}`, or "
+                                "rebuild every shipped encoder with `repsurgery build-world`")
     target = PARTS[part]
     staging = temporary_sibling(target)  # complete before it replaces the workspace's part
     staging.mkdir(parents=True)
     try:
         for name in files:
-            shutil.copyfile(ROOT / part / name, staging / name)
+            shutil.copyfile(folder / part / name, staging / name)
     except BaseException:  # an interrupted or failed copy leaves nothing beside the workspace
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
-    shown = MANIFEST.relative_to(ROOT.parents[2])  # pipeline/assets/world/manifest.json
+    shown = Path(*folder.parts[-3:], "manifest.json")  # pipeline/assets/<world>/manifest.json
     print(f"{part}: the shipped world encoders ({len(files)} files, checked against {shown}) -> {target}/")
     return True
 
 
 def publish(params, built_with: dict[str, Any]) -> None:
     """Ship the workspace's freshly built encoders: staged beside, then swapped in whole."""
-    parts = {}
-    staging = ROOT.with_name(ROOT.name + ".tmp")
+    parts, folder = {}, root(params)
+    staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     for part, source in PARTS.items():
         (staging / part).mkdir(parents=True)
@@ -113,5 +123,5 @@ def publish(params, built_with: dict[str, Any]) -> None:
             files[path.name] = sha256_file(path).hexdigest()
         parts[part] = {"files": files, "recipe": recipe(params, part)}
     (staging / "manifest.json").write_text(json.dumps({"built_with": built_with, "parts": parts}, indent=1) + "\n")
-    shutil.rmtree(ROOT, ignore_errors=True)
-    staging.rename(ROOT)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)

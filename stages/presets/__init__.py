@@ -40,7 +40,29 @@ WORLD_FULL = {  # the start of a line -> what replaces that start
     "    methods: [task_arithmetic, lw_adamerging]       # the preset world-full: every entry":
         "    methods: []                                     # every entry",
 }
-PRESETS = ("world", "world-full", *PAPER_PRESETS)
+PRESETS = ("world", "world-full", "text-world", "paper-bert", *PAPER_PRESETS)
+# `paper-bert`: the NLP experiment's setting (Appendix B.2), the text world's preset with these sections
+# replaced: bert-base-uncased and the five datasets from the Hub, fine-tuned here with the recipe below
+PAPER_BERT_HEADER = """\
+# The paper's NLP setting (Appendix B.2, Tables 6 and 7): bert-base-uncased fine-tuned on AG News,
+# Yelp, Amazon, Yahoo Answers and DBPedia, merged, with surgery. Written by `repsurgery preset paper-bert`.
+# 1. `repsurgery fetch` downloads the model and the five datasets (test and train splits) into
+#    `source.cache` (online, once).
+# 2. `dvc repro` then runs offline; stage finetuned fine-tunes each task's BERT with its head (a GPU
+#    job: params `finetune`, docs/text.md). The sections world and pretrain are unused here.
+modality: text
+
+"""
+PAPER_BERT = {  # section -> its text
+    "source": "# the Hub copies of the five datasets (pipeline/data/catalog.py TEXT_TASKS: which columns are read);\n"
+              "# no fine-tuned entries: stage finetuned trains them (params `finetune`)\n",
+    "finetune": "# fine-tuning bert-base-uncased per task, its head trained with it: de Masson d'Autume et al. (2019)'s\n"
+                "# recipe for these five datasets (lr 3e-5, batch 32, one epoch of 115,000 examples), with AdamW's\n"
+                "# usual BERT weight decay and 10 % warm-up (the paper states none of its own; docs/text.md)\n",
+    "merge": "# Table 6's merges and the field's, unchanged on BERT state dicts; learned schedules are the methods'\n"
+             "# defaults (the recipe's); WUDI's step is its authors' (checkpoints fine-tuned at lr ~1e-5)\n",
+}
+
 
 PAPER_HEADER = """\
 # The paper's setting ({name}): OpenAI CLIP {arch}, the eight test splits from the Hugging Face
@@ -135,11 +157,61 @@ def world_full_text() -> str:
     return text
 
 
+def text_world_text() -> str:
+    """The world preset with text-world.yaml's sections in place of its own (the ones it adds,
+    `modality`, first); the rest (extract, surgery, adapters, router, analyses) as the image world's."""
+    base = sections(world_text())
+    text = sections(resources.files("stages.presets").joinpath("text-world.yaml").read_text())
+    return "".join([text[""], *(part for key, part in text.items() if key and key not in base),
+                    *(text.get(key, part) for key, part in base.items() if key)])
+
+
+def paper_bert_params() -> dict:
+    from pipeline.data.catalog import TEXT_TASKS
+
+    params = yaml.safe_load(text_world_text())
+    params["source"] = {
+        "family": "surgery_bert",
+        "cache": "~/.cache/repsurgery",
+        "splits": ["test", "train"],
+        "pretrained": {"arch": "bert-base-uncased", "weights": "hf://google-bert/bert-base-uncased"},
+        "datasets": {t: f"hf://{task.dataset}" for t, task in TEXT_TASKS.items()},
+    }
+    params["finetune"] = {"steps": 3600, "batch_size": 32, "lr": 3.0e-5, "weight_decay": 0.01, "warmup": 360}
+    params["merge"] = {key: {k: v for k, v in entry.items() if k not in SCHEDULES + STEP_SIZES}
+                       for key, entry in params["merge"].items()
+                       if not str(entry.get("path", "")).startswith(str(workspace.MTL))}
+    return params
+
+
+def paper_bert_text() -> str:
+    """The text world's preset with the real source, BERT's fine-tuning recipe and merges; its
+    `model.max_length` set to the 128 tokens the recipe reads."""
+    params = paper_bert_params()
+    parts = [PAPER_BERT_HEADER]
+    for key, text in sections(text_world_text()).items():
+        if key in ("", "modality"):
+            continue
+        if key in PAPER_BERT:
+            flow = None if key != "source" else False
+            text = PAPER_BERT[key] + yaml.safe_dump({key: params[key]}, sort_keys=False, width=110,
+                                                    default_flow_style=flow) + "\n"
+        elif key == "model":  # the architecture is the Hub model's config.json: only the token length is read
+            text = re.sub(r"^model:.*\n", "model:                 # only max_length is read: the architecture is "
+                          "bert-base-uncased's config\n", text).replace("  max_length: 24 ", "  max_length: 128")
+        parts.append(text)
+    return "".join(parts)
+
+
 def preset_text(name: str, checkpoints: str | None = None) -> str:
     if name == "world":
         return world_text()
     if name == "world-full":
         return world_full_text()
+    if name == "text-world":
+        return text_world_text()
+    if name == "paper-bert":
+        return paper_bert_text()
     if name not in PAPER_PRESETS:
         raise PipelineError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     params = paper_params(name, checkpoints)
@@ -168,8 +240,10 @@ def write_preset(name: str, path: Path, checkpoints: str | None = None) -> None:
         write_text(backup, path.read_text())
         kept = f" (the previous one is kept in {backup})"
     write_text(path, text)
-    if name.startswith("world"):
+    if "world" in name:
         step = ""
+    elif name == "paper-bert":
+        step = "; next: `repsurgery fetch` (online), then `dvc repro` (fine-tuning five BERTs: a GPU job)"
     elif PAPER_PRESETS[name][0] == "task_arithmetic":
         step = (f"; the fine-tuned encoders are read from {checkpoints or release_folder(name)}/<Dataset>/finetuned.pt; "
                 "next: `repsurgery fetch` (online: the pretrained weights and test splits), then `dvc repro`")

@@ -5,8 +5,9 @@ merged update tau_m causes on task i is measured through tau_i itself: per layer
 minimises sum_i ||(tau_m - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2, from the sum of the task
 vectors, by Adam (lr 1e-5, 300 iterations), without data; theta_0 + tau_m, unscaled.
 
-`matrices: linear` (the authors'): the attention in/out projections and the MLP's c_fc /
-c_proj (in_proj as one stacked matrix), every other tensor left pretrained. `matrices: all`
+`matrices: linear` (the authors'): the transformer blocks' linear weights (open_clip's attention
+in/out projections, in_proj as one stacked matrix, and the MLP's c_fc / c_proj; BERT's query, key,
+value, attention output and MLP: subspaces.is_block_linear), every other tensor left pretrained. `matrices: all`
 (FusionBench's): every layer matrix of pipeline/merging/subspaces.py, the rest the mean of
 the task vectors. One layer in memory at a time, on the GPU where there is one.
 
@@ -20,11 +21,8 @@ from pydantic import Field
 
 from pipeline.merging.inputs import MergeInputs
 from pipeline.merging.registry import Merged, merge_method
-from pipeline.merging.subspaces import is_layer_matrix, per_matrix
+from pipeline.merging.subspaces import is_block_linear, is_layer_matrix, per_matrix
 from pipeline.merging.task_vectors import apply
-
-LINEAR = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
 
 def interference(merged: torch.Tensor, stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_i weights_i ||(merged - tau_i) tau_i^T||_F^2 over the (T, m, n) task matrices."""
@@ -61,9 +59,8 @@ def wudi_merging(inputs: MergeInputs, *, iterations: Annotated[int, Field(ge=0)]
         objective.append(ends)
         return merged
 
-    linear = (lambda key, tensor: key.endswith(LINEAR)) if matrices == "linear" else is_layer_matrix
     delta = per_matrix(inputs.vectors, merge, device=inputs.device, progress=inputs.progress, desc="WUDI",
-                       chosen=linear, others="pretrained" if matrices == "linear" else "mean")
+                       chosen=is_block_linear if matrices == "linear" else is_layer_matrix, others="pretrained" if matrices == "linear" else "mean")
     start, end = (sum(values) for values in zip(*objective)) if objective else (0.0, 0.0)
     return Merged(apply(inputs.pretrained, delta),
                   {"objective": {"start": start, "end": end, "ratio": end / start if start else 1.0}})
