@@ -12,7 +12,6 @@ import torch
 
 from pipeline import workspace
 from pipeline.config import Params
-from pipeline.data import datasets
 from pipeline.data.checks import REIMPORT, Finding, check_data, check_heads, check_runtime
 from pipeline.errors import PipelineError
 from pipeline.features.jobs import check_disk
@@ -25,13 +24,12 @@ def check_encoders(params: Params, device: torch.device, sample: int = SAMPLE,
                    progress: Callable = lambda it, **kw: it) -> Iterator[Finding]:
     """The pretrained encoder and every checkpoint present (fine-tuned, merged) load and run on
     a few images of each task they will see; each fine-tuned encoder is scored on its own task."""
-    from pipeline.models import clip
+    from pipeline.models import encoders
     from pipeline.models.checkpoints import load_heads, load_state
     from pipeline.reporting.metrics import accuracy, near_chance
 
     try:
-        encoder = clip.image_encoder(workspace.PRETRAINED).to(device)
-        transform = clip.preprocess_for(clip.read_spec(workspace.PRETRAINED))
+        encoder = encoders.encoder(workspace.PRETRAINED).to(device)
         heads = load_heads(workspace.HEADS, params.tasks)
     except PipelineError as exc:
         yield Finding("encoders", str(exc), "")
@@ -40,7 +38,7 @@ def check_encoders(params: Params, device: torch.device, sample: int = SAMPLE,
     images, labels = {}, {}
     for task in params.tasks:
         try:
-            data = datasets.ImageDataset(workspace.DATA, task, workspace.SPLIT, transform)
+            data = encoders.dataset(workspace.DATA, task, workspace.SPLIT, workspace.PRETRAINED)
             pick = np.random.default_rng(0).permutation(len(data))[:sample]
             images[task] = torch.stack([data[int(i)] for i in pick]).to(device)
             labels[task] = data.labels[pick]
@@ -87,7 +85,7 @@ def examine(params: Params, device: torch.device, *, progress: Callable = lambda
                if not p.exists()]
     if unbuilt:  # the rest checks what the cheap stages make: say so once, not once per file
         return findings + [Finding("workspace", f"{', '.join(unbuilt)} not built yet",
-                                   "run `dvc repro finetuned` (the quick stages: import the test splits, convert "
+                                   "run `dvc repro heads` (the quick stages: import the test splits, convert "
                                    "the checkpoints, build the heads), then `repsurgery doctor` again before the "
                                    "long ones")]
     findings += check_data(params, decode=True, progress=progress)

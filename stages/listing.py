@@ -53,11 +53,13 @@ def adapters(_params: Path | None) -> str:
 
 
 def tasks(_params: Path | None) -> str:
-    from pipeline.data.catalog import PAPER_TASKS
-    from pipeline.world.images import TASK_NAMES
+    from pipeline.data.catalog import PAPER_TASKS, TEXT_TASKS
+    from pipeline.world import images, texts
 
-    return (f"miniature world (source: world): {', '.join(TASK_NAMES)}\n"
-            f"paper setting (a `source` mapping; `repsurgery preset paper-vit-b-32`):\n    {', '.join(PAPER_TASKS)}")
+    return (f"miniature world (source: world): {', '.join(images.TASK_NAMES)}\n"
+            f"paper setting (a `source` mapping; `repsurgery preset paper-vit-b-32`):\n    {', '.join(PAPER_TASKS)}\n"
+            f"miniature text world (modality: text; `repsurgery preset text-world`): {', '.join(texts.TASK_NAMES)}\n"
+            f"paper's text setting (`repsurgery preset paper-bert`): {', '.join(TEXT_TASKS)}")
 
 
 def params(path: Path | None) -> str:

@@ -124,4 +124,4 @@ def test_before_the_quick_stages_doctor_says_what_to_run_first(tmp_path):
     done = cli(tmp_path, "doctor")
     assert done.returncode == 1
     (line,) = [line for line in done.stderr.splitlines() if line.startswith("PROBLEM")]
-    assert "not built yet" in line and "`dvc repro finetuned`" in line
+    assert "not built yet" in line and "`dvc repro heads`" in line

@@ -83,7 +83,7 @@ def test_ties_trim_over_the_reference_state_dict_counts_its_zero_text_side_entri
         clean = merge(name, pre, fts, **params)
         changed = lambda state: sum(int((state[k] != pre[k]).sum()) for k in ("a.weight", "b.bias"))
         assert changed(reference) > changed(clean)
-    with pytest.raises(PipelineError, match="architecture is unknown"):
+    with pytest.raises(PipelineError, match="layout is that of a CLIP image encoder"):
         merge("ties_merging", pre, fts, trim_over="state_dict")
 
 

@@ -243,3 +243,22 @@ def test_the_papers_table_6_and_7_figures_are_published_with_their_source():
             values = [v for t, v in row.items() if t != "avg"]
             assert abs(sum(values) / len(values) - row["avg"]) < 0.1, key  # as printed, rounded
     assert "Table 6" in published.describe("surgery_bert", "bert-base-uncased")["source"]
+
+
+def test_fetch_lists_berts_model_folder_and_both_splits_of_every_dataset():
+    from pipeline import config
+    from pipeline.data import sources
+    from stages.presets import preset_text
+
+    params = config.validate(yaml.safe_load(preset_text("paper-bert")))
+    (what, ref, patterns), *datasets = sources.fetch_items(params.source, params.tasks)
+    assert what == "pretrained bert-base-uncased" and ref.uri == "hf://google-bert/bert-base-uncased"
+    assert ["config.json", "vocab.txt", "model.safetensors"] in patterns
+    assert {item[0] for item in datasets} == {f"{t} {s} split" for t in params.tasks for s in ("test", "train")}
+
+
+def test_doctor_checks_a_text_workspace_like_an_image_one(text_project):
+    from conftest import cli
+
+    done = cli(text_project, "doctor")
+    assert done.returncode == 0 and "PROBLEM" not in done.stderr, done.stderr
