@@ -82,6 +82,7 @@ def prepare_pretrained(params: Params, device: torch.device) -> None:
     except Exception as exc:
         raise PipelineError(f"pretrained weights {weights} do not load into {pretrained.arch or 'the config'}: "
                             f"{str(exc).splitlines()[0][:300]}") from exc
+    shutil.rmtree(workspace.PRETRAINED, ignore_errors=True)  # a BERT's spec left there would say "text"
     fp = save_state(workspace.pretrained_clip(), model.state_dict(), source=str(weights))
     write_text(workspace.PRETRAINED / "clip.json", json.dumps({**spec, "weights": str(pretrained.weights)}, indent=1)
                + "\n")

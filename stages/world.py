@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
@@ -59,6 +60,7 @@ def build_pretrained(params: Params, device: torch.device, from_scratch: bool = 
     }
     torch.manual_seed(world.seed)
     model = clip.build_clip(spec)
+    shutil.rmtree(workspace.PRETRAINED, ignore_errors=True)  # a BERT's spec left there would say "text"
     loaded = [pretraining_images(t, spec, world, share(cfg.in_domain, t))
               for t in progress(params.tasks, desc="draw pretraining images", unit="task")]
     pictures, labels, in_domain = map(list, zip(*loaded))
@@ -81,6 +83,7 @@ def pretrain_bert(params: Params, device: torch.device) -> None:
 
     world, cfg, size = params.world, params.pretrain, params.model
     folder = workspace.PRETRAINED
+    shutil.rmtree(folder, ignore_errors=True)  # a CLIP's spec left there would say the workspace is an image one
     words = world_texts.vocabulary(params.tasks)
     bert.write_vocab(folder, words)
     config = {"vocab_size": len(bert.SPECIAL) + len(words), "hidden_size": size.hidden,

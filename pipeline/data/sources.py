@@ -23,7 +23,8 @@ def pretrained_hub_ref(pretrained) -> hub.HubRef | None:
     weights = str(pretrained.weights)
     if hub.is_hub(weights):
         return hub.parse(weights, "model")
-    if Path(weights).expanduser().exists() or Path(weights).expanduser().suffix in (".pt", ".bin", ".pth", ".safetensors") or not pretrained.arch:
+    local_path = Path(weights).expanduser()
+    if local_path.exists() or local_path.suffix in (".pt", ".bin", ".pth", ".safetensors") or not pretrained.arch:
         return None
     from pipeline.models import clip
 

@@ -17,7 +17,8 @@ SPECIAL_IDS = 5  # [PAD] [UNK] [CLS] [SEP] [MASK] (pipeline.models.bert.SPECIAL)
 MASK_ID = 4
 
 
-def masked(ids: torch.Tensor, share: float, vocab: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def masked(ids: torch.Tensor, share: float, vocab: int, generator: torch.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's corruption of a batch: (inputs, targets), targets -100 where nothing is predicted."""
     chosen = (torch.rand(ids.shape, generator=generator) < share) & (ids >= SPECIAL_IDS)
     targets = torch.where(chosen, ids, torch.full_like(ids, -100))

@@ -60,7 +60,8 @@ def wudi_merging(inputs: MergeInputs, *, iterations: Annotated[int, Field(ge=0)]
         return merged
 
     delta = per_matrix(inputs.vectors, merge, device=inputs.device, progress=inputs.progress, desc="WUDI",
-                       chosen=is_block_linear if matrices == "linear" else is_layer_matrix, others="pretrained" if matrices == "linear" else "mean")
+                       chosen=is_block_linear if matrices == "linear" else is_layer_matrix,
+                       others="pretrained" if matrices == "linear" else "mean")
     start, end = (sum(values) for values in zip(*objective)) if objective else (0.0, 0.0)
     return Merged(apply(inputs.pretrained, delta),
                   {"objective": {"start": start, "end": end, "ratio": end / start if start else 1.0}})
