@@ -14,12 +14,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e .
 	touch $@
 
-# The test extras apart (pytest and its plugins), so that `make repro` installs only the pipeline.
+# The extras apart, so that `make repro` installs only what the params use: the test extras
+# (pytest and its plugins), and the text family's (transformers, about 10 s) only where
+# params.yaml says `modality: text` (`repsurgery preset text-world`, `paper-bert`).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 
-repro: install
+$(VENV)/.installed-text: $(VENV)/.installed
+	$(BIN)/pip install -e '.[text]'
+	touch $@
+
+TEXT := $(shell grep -qs '^modality: *text' params.yaml && echo $(VENV)/.installed-text)
+
+repro: install $(TEXT)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: $(VENV)/.installed-test

@@ -4,6 +4,7 @@ must hold before DVC deletes any stage's outputs, and what DVC cannot see by its
 - params: read and validated whole when the command starts (every section, every merge entry
   against its method's signature), so a mistake stops `dvc repro` here, before any output is
   deleted;
+- dependencies: text encoders need transformers (the `text` extra);
 - sources: a real source must be complete locally (stage `data` deletes the old data before it
   runs, so an offline `dvc repro` after `repsurgery preset paper-...` stops here with the
   world's data intact) -> results/sources.json;
@@ -31,6 +32,10 @@ PIPELINE_FILE = Path("dvc.yaml")
 
 
 def check(params: Params) -> None:
+    if params.is_text:  # the text family's extra dependency, before any stage deletes its outputs
+        from pipeline.models.bert import transformers_module
+
+        transformers_module()
     if params.is_world:
         record = {"source": "world"}
     else:

@@ -262,3 +262,17 @@ def test_doctor_checks_a_text_workspace_like_an_image_one(text_project):
 
     done = cli(text_project, "doctor")
     assert done.returncode == 0 and "PROBLEM" not in done.stderr, done.stderr
+
+
+def test_text_params_without_transformers_stop_at_the_first_stage_naming_the_extra(monkeypatch, tmp_path):
+    """The image world installs without transformers: a text run without it stops in stage
+    check, before any stage deletes its outputs, with the command that installs it."""
+    from pipeline import config
+    from pipeline.errors import PipelineError
+    from stages.check import check
+
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # `import transformers` fails
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match=r"need Hugging Face transformers.*make repro.*\.\[text\]"):
+        check(config.validate(tiny_text_params()))
+    assert not (tmp_path / "results").exists()

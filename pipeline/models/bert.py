@@ -46,17 +46,25 @@ def write_spec(model_dir: Path, config: dict, max_length: int, lower: bool = Tru
     return spec
 
 
-def bert_config(spec: dict):
-    from transformers import BertConfig
+def transformers_module():
+    """Hugging Face transformers, the text family's one extra dependency (`pip install -e '.[text]'`)."""
+    try:
+        import transformers
+    except ImportError:
+        raise PipelineError("the text encoders (params `modality: text`) need Hugging Face transformers, which is "
+                            "not installed: run `make repro` (it installs it for these params) or "
+                            "`pip install -e '.[text]'`") from None
+    return transformers
 
-    return BertConfig(**{k: v for k, v in spec["config"].items() if k not in ("architectures", "transformers_version")})
+
+def bert_config(spec: dict):
+    config = {k: v for k, v in spec["config"].items() if k not in ("architectures", "transformers_version")}
+    return transformers_module().BertConfig(**config)
 
 
 @functools.cache
 def _encoder_class():
-    from transformers import BertModel
-
-    class TextEncoder(BertModel):
+    class TextEncoder(transformers_module().BertModel):
         """BERT whose forward maps token ids (padding: id 0) to the pooled [CLS] feature."""
 
         @property
@@ -97,8 +105,7 @@ def feature_dim(spec: dict) -> int:
 
 def tokenizer(model_dir: Path):
     """BERT's WordPiece tokenizer of the folder's vocabulary (lower-cased as the model was trained)."""
-    from transformers import BertTokenizerFast
-
+    BertTokenizerFast = transformers_module().BertTokenizerFast  # noqa: N806
     model_dir = Path(model_dir)
     if not (model_dir / VOCAB).exists():
         raise PipelineError(f"no {VOCAB} in {model_dir}: run `repsurgery prepare-pretrained` first")

@@ -240,10 +240,13 @@ def write_preset(name: str, path: Path, checkpoints: str | None = None) -> None:
         write_text(backup, path.read_text())
         kept = f" (the previous one is kept in {backup})"
     write_text(path, text)
-    if "world" in name:
+    if name == "text-world":
+        step = "; next: `make repro` (it adds transformers, which text encoders need, then runs `dvc repro`)"
+    elif "world" in name:
         step = ""
     elif name == "paper-bert":
-        step = "; next: `repsurgery fetch` (online), then `dvc repro` (fine-tuning five BERTs: a GPU job)"
+        step = ("; next: `pip install -e '.[text]'` (transformers), `repsurgery fetch` (online), then `dvc repro` "
+                "(fine-tuning five BERTs: a GPU job)")
     elif PAPER_PRESETS[name][0] == "task_arithmetic":
         step = (f"; the fine-tuned encoders are read from {checkpoints or release_folder(name)}/<Dataset>/finetuned.pt; "
                 "next: `repsurgery fetch` (online: the pretrained weights and test splits), then `dvc repro`")
