@@ -8,21 +8,25 @@ export DVC_NO_ANALYTICS := 1
 
 install: $(VENV)/.installed
 
+# --no-compile: pip would byte-compile every module of every package (torch's thousands: about 40 s
+# on 2 cores); Python compiles the ones a stage imports on first use instead.
+PIP_INSTALL := $(BIN)/pip install --no-compile
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e .
+	$(PIP_INSTALL) -e .
 	touch $@
 
 # The extras apart, so that `make repro` installs only what the params use: the test extras
 # (pytest and its plugins), and the text family's (transformers, about 10 s) only where
 # params.yaml says `modality: text` (`repsurgery preset text-world`, `paper-bert`).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -e '.[test]'
+	$(PIP_INSTALL) -e '.[test]'
 	touch $@
 
 $(VENV)/.installed-text: $(VENV)/.installed
-	$(BIN)/pip install -e '.[text]'
+	$(PIP_INSTALL) -e '.[text]'
 	touch $@
 
 TEXT := $(shell grep -qs '^modality: *text' params.yaml && echo $(VENV)/.installed-text)
