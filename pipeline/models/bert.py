@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from cache.files import write_text
 from pipeline.errors import PipelineError
 from pipeline.models.checkpoints import StateDict, load_state
 
@@ -39,8 +40,6 @@ def read_spec(model_dir: Path) -> dict:
 
 
 def write_spec(model_dir: Path, config: dict, max_length: int, lower: bool = True, **extra) -> dict:
-    from cache.files import write_text
-
     spec = {"config": config, "max_length": max_length, "lower": lower, **extra}
     write_text(Path(model_dir) / SPEC, json.dumps(spec, indent=1, sort_keys=True) + "\n")
     return spec
@@ -67,10 +66,6 @@ def _encoder_class():
     class TextEncoder(transformers_module().BertModel):
         """BERT whose forward maps token ids (padding: id 0) to the pooled [CLS] feature."""
 
-        @property
-        def output_dim(self) -> int:
-            return self.config.hidden_size
-
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
             return super().forward(input_ids=input_ids, attention_mask=(input_ids != 0).long()).pooler_output
 
@@ -90,12 +85,10 @@ def encoder_state(model_dir: Path) -> StateDict:
 def text_encoder(model_dir: Path, state: StateDict | None = None) -> torch.nn.Module:
     """The pretrained encoder, optionally with other (fine-tuned or merged) weights."""
     encoder = build_encoder(read_spec(model_dir))
-    reference = encoder.state_dict()
-    weights = state if state is not None else encoder_state(model_dir)
-    from pipeline.models.checkpoints import check_compatible
-
-    check_compatible(weights, reference, where=str(Path(model_dir) / WEIGHTS) if state is None else "given")
-    encoder.load_state_dict(weights)
+    if state is None:
+        state = load_state(Path(model_dir) / WEIGHTS, like=encoder.state_dict(),
+                           hint="Re-run `repsurgery prepare-pretrained`.")
+    encoder.load_state_dict(state)
     return encoder.eval()
 
 
@@ -128,8 +121,6 @@ def identity(model_dir: Path) -> dict:
 
 def write_vocab(model_dir: Path, words: list[str]) -> None:
     """A whole-word vocabulary (the miniature world's): BERT's special tokens, then the words."""
-    from cache.files import write_text
-
     write_text(Path(model_dir) / VOCAB, "\n".join([*SPECIAL, *(w for w in words if w not in SPECIAL)]) + "\n")
 
 
