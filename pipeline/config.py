@@ -284,7 +284,7 @@ class Params(Section):
 
     @property
     def is_text(self) -> bool:
-        return False
+        return self.modality == "text"
 
     @property
     def methods(self) -> list[str]:
@@ -330,10 +330,6 @@ class TextParams(Params):
     world: TextWorld
     model: TextModel
     pretrain: MaskedLM
-
-    @property
-    def is_text(self) -> bool:
-        return True
 
     def labels(self) -> dict[str, str]:
         """A text encoder has no zero-shot head: the pretrained row reads its features through the

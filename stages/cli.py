@@ -167,9 +167,10 @@ def convert(src: Path = typer.Argument(..., help="checkpoint file or Hugging Fac
 
 @app.command()
 @_stage
-def preset(name: str = typer.Argument(..., help="world | world-full | text-world (the NLP experiment, BERT) | paper-vit-b-32 | paper-vit-b-16 | paper-vit-l-14 "
+def preset(name: str = typer.Argument(..., help="world | world-full | paper-vit-b-32 | paper-vit-b-16 | paper-vit-l-14 "
                                                  "(FusionBench's Hub fine-tunes) | paper-ta-vit-b-32 | paper-ta-vit-b-16 | "
-                                                 "paper-ta-vit-l-14 (the Task Arithmetic release, local)"),
+                                                 "paper-ta-vit-l-14 (the Task Arithmetic release, local) | text-world | "
+                                                 "paper-bert (the NLP experiment, BERT: docs/text.md)"),
            checkpoints: str = typer.Option(None, "--checkpoints", help="paper-ta-*: the release's folder for this "
                                            "architecture, holding <Dataset>/finetuned.pt (default checkpoints/ViT-B-32 "
                                            "etc., from the project root)"),

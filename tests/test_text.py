@@ -28,21 +28,17 @@ TINY_TEXT = {
     "finetune": {"steps": 40, "batch_size": 32, "lr": 0.002, "weight_decay": 0.1, "warmup": 4},
     "merge": {"weight_averaging": {}, "task_arithmetic": {"scaling": 0.3},
               "lw_adamerging": {"method": "adamerging", "layer_wise": True, "steps": 3, "batch_size": 8}},
-    "extract": {"batch_size": 32, "dtype": "float32", "autocast": "none"},
-    "surgery": {"adapter": "surgery", "rank": 4, "lr": 0.001, "steps": 60, "batch_size": 16, "loss": "l1",
-                "seeds": [0]},
-    "adapters": {"prob_surgery": {"kl_weight": 1e-4}},
-    "router": {"method": "nearest_centroid", "split": "train", "images": 16, "seed": 0},
     "mtl": {"steps": 20, "batch_size": 32, "lr": 0.002, "weight_decay": 0.1, "warmup": 2},
 }
 
 
 def tiny_text_params() -> dict:
-    """The text world above, with the image world's analyses section (on its merge entries)."""
+    """The text world above; extraction, surgery, router and analyses (on its merge entries) as
+    the tiny image world's."""
     from conftest import TINY
 
-    params = copy.deepcopy(TINY_TEXT)
-    params["analyses"] = copy.deepcopy(TINY["analyses"])
+    params = copy.deepcopy({**{k: TINY[k] for k in ("extract", "surgery", "adapters", "router", "analyses")},
+                            **TINY_TEXT})
     for section in params["analyses"].values():
         if "methods" in section:
             section["methods"] = [m for m in section["methods"] if m in params["merge"]]
@@ -227,7 +223,7 @@ def test_text_params_refuse_fine_tuned_entries_and_a_missing_train_split():
     with pytest.raises(PipelineError, match=r"source.splits.*holds train"):
         config.validate({**raw, "source": {**raw["source"], "splits": ["test"]}})
     with pytest.raises(PipelineError, match=r"tasks of the miniature text world: agnews"):
-        config.validate({**TINY_TEXT, "tasks": ["digits"]} | {"analyses": tiny_text_params()["analyses"]})
+        config.validate({**tiny_text_params(), "tasks": ["digits"]})
 
 
 def test_the_papers_table_6_and_7_figures_are_published_with_their_source():

@@ -66,17 +66,22 @@ def _check_shard(shard: Path, n_classes: int) -> int:
     image = schema.field("image").type
     if not (pa.types.is_struct(image) and image.get_field_index("bytes") >= 0):
         raise PipelineError(f"{shard}: column `image` must be a struct with `bytes` (Hugging Face Image), got {image}")
-    labels = pq.read_table(shard, columns=["label"])["label"].to_numpy()
+    return _check_labels(shard, pq.read_table(shard, columns=["label"])["label"].to_numpy(), n_classes)
+
+
+def _check_labels(shard: Path, labels, n_classes: int) -> int:
+    """A shard's labels: some, each within the task's class count; returns how many."""
     if not len(labels):
         raise PipelineError(f"{shard} holds no rows (a download cut short, or the wrong file?): replace it; "
                             "nothing was imported")
     if labels.min() < 0 or labels.max() >= n_classes:
         raise PipelineError(f"{shard}: labels span {labels.min()}..{labels.max()}, but the task has {n_classes} "
-                            "class names: wrong dataset or wrong class names for this task?")
+                            "class names: wrong dataset, label column or class names for this task?")
     return len(labels)
 
 
-def import_parquet(src: Path, split: str, out: Path, n_classes: int) -> int:
+def complete_shards(src: Path, split: str) -> list[Path]:
+    """A split's parquet shards, every one their names promise (else one line naming the fix)."""
     shards = parquet_shards(src, split)
     if not shards:
         raise PipelineError(f"no `{split}-*.parquet` shards under {src}")
@@ -84,6 +89,11 @@ def import_parquet(src: Path, split: str, out: Path, n_classes: int) -> int:
     if gaps:
         raise PipelineError(f"{src}: the {split} split is incomplete, {', '.join(gaps)} missing (a download cut "
                             "short?): run `repsurgery fetch` again, or copy the missing shards there")
+    return shards
+
+
+def import_parquet(src: Path, split: str, out: Path, n_classes: int) -> int:
+    shards = complete_shards(src, split)
     rows = sum(_check_shard(s, n_classes) for s in shards)
     for shard in shards:
         _link_or_copy(shard, out / "data" / shard.name)
@@ -93,15 +103,8 @@ def import_parquet(src: Path, split: str, out: Path, n_classes: int) -> int:
 def import_text_parquet(src: Path, split: str, out: Path, columns: tuple[str, ...], label: str,
                         n_classes: int) -> int:
     """A text dataset's split, each shard rewritten with its text columns joined into `text`."""
-    shards = parquet_shards(src, split)
-    if not shards:
-        raise PipelineError(f"no `{split}-*.parquet` shards under {src}")
-    gaps = missing_shards(shards)
-    if gaps:
-        raise PipelineError(f"{src}: the {split} split is incomplete, {', '.join(gaps)} missing (a download cut "
-                            "short?): run `repsurgery fetch` again, or copy the missing shards there")
     rows = 0
-    for shard in shards:
+    for shard in complete_shards(src, split):
         names = pq.read_schema(shard).names
         lacking = [c for c in (*columns, label) if c not in names]
         if lacking:
@@ -111,17 +114,11 @@ def import_text_parquet(src: Path, split: str, out: Path, columns: tuple[str, ..
         parts = [pa.compute.fill_null(table.column(c).cast(pa.string()), "") for c in columns]
         text = parts[0] if len(parts) == 1 else pa.compute.binary_join_element_wise(*parts, " ")
         labels = table.column(label).cast(pa.int64())
-        if not len(labels):
-            raise PipelineError(f"{shard} holds no rows (a download cut short, or the wrong file?): replace it")
-        low, high = pa.compute.min(labels).as_py(), pa.compute.max(labels).as_py()
-        if low < 0 or high >= n_classes:
-            raise PipelineError(f"{shard}: labels span {low}..{high}, but the task has {n_classes} class names: "
-                                "wrong dataset, label column or class names for this task?")
+        rows += _check_labels(shard, labels.to_numpy(), n_classes)
         path = out / "data" / shard.name
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             pq.write_table(pa.table({"text": text, "label": labels}), tmp)
-        rows += len(labels)
     return rows
 
 

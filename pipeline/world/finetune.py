@@ -20,6 +20,7 @@ from pipeline.models import encoders
 from pipeline.models.heads import logits
 
 HEAD_SCALE = 20.0  # a new head's row norm: the logit of a class whose mean the feature points at
+HEAD_SAMPLE = 8192  # train rows a new head's class means are taken over (a real split has up to 1.4 M)
 
 
 def cosine_factor(step: int, steps: int, warmup: int) -> float:
@@ -41,7 +42,10 @@ def initial_head(encoder: torch.nn.Module, inputs: torch.Tensor, labels: torch.T
                  device: torch.device) -> torch.Tensor:
     """A new head: each class's mean normalised feature under `encoder`, less the mean of the
     classes' (pretrained features share one direction, which tells no class apart), normalised,
-    x HEAD_SCALE."""
+    x HEAD_SCALE; over a seeded sample of HEAD_SAMPLE rows where the split has more."""
+    if len(inputs) > HEAD_SAMPLE:
+        rows = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0))[:HEAD_SAMPLE]
+        inputs, labels = inputs[rows], torch.as_tensor(labels)[rows]
     encoder = encoder.to(device).eval()
     features = torch.cat([F.normalize(encoder(inputs[i:i + 512].to(device)).float(), dim=-1).cpu()
                           for i in range(0, len(inputs), 512)])
@@ -57,6 +61,7 @@ def finetune(encoder: torch.nn.Module, head: torch.Tensor, inputs: torch.Tensor,
              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The fine-tuned encoder's state dict and the head (trained beside it with `train_head`)."""
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # BERT's dropout draws from the global generator: the same run from scratch
     encoder = copy.deepcopy(encoder).to(device).train()
     head = torch.nn.Parameter(head.detach().clone().to(device), requires_grad=train_head)
     optimiser = torch.optim.AdamW([*encoder.parameters(), *([head] if train_head else [])], lr=lr,

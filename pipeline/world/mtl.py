@@ -28,6 +28,7 @@ def train_multitask(encoder: torch.nn.Module, heads: list[torch.Tensor], images:
     if not (len(heads) == len(images) == len(labels)) or not heads:
         raise PipelineError("multi-task training needs one head, image set and label set per task")
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # BERT's dropout draws from the global generator: the same run from scratch
     encoder = copy.deepcopy(encoder).to(device).train()
     heads = [h.to(device) for h in heads]
     labels = [torch.as_tensor(y) for y in labels]

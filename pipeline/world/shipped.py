@@ -22,7 +22,6 @@ from pipeline.errors import PipelineError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 ROOTS = {"image": ASSETS / "world", "text": ASSETS / "text-world"}  # each modality's world, shipped apart
-ROOT = ROOTS["image"]
 PARTS = {"pretrained": workspace.PRETRAINED, "finetuned": workspace.FINETUNED, "mtl": workspace.MTL}
 WORLD = ("tasks", "world", "model", "pretrain")
 SECTIONS = {"pretrained": WORLD, "finetuned": (*WORLD, "finetune"), "mtl": (*WORLD, "mtl")}  # what shapes each part
@@ -49,7 +48,7 @@ def _same(a: Any, b: Any) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
-def manifest(folder: Path = ROOT) -> dict | None:
+def manifest(folder: Path) -> dict | None:
     path = folder / "manifest.json"
     if not path.exists():
         return None

@@ -105,6 +105,15 @@ def world_text() -> str:
     return resources.files("stages.presets").joinpath("world.yaml").read_text()
 
 
+def real_merges(merge: dict, family: str) -> dict:
+    """A world preset's merge entries for a real setting: learned schedules and step sizes left to
+    each method's registered (reference) default, the family's reference settings over them, and
+    no entry that reads a file of the miniature world (the Traditional MTL checkpoint)."""
+    family_params = merge_params(family)
+    return {key: {**{k: v for k, v in entry.items() if k not in SCHEDULES + STEP_SIZES}, **family_params.get(key, {})}
+            for key, entry in merge.items() if not str(entry.get("path", "")).startswith(str(workspace.MTL))}
+
+
 def paper_params(name: str, checkpoints: str | None = None) -> dict:
     family, arch_key = PAPER_PRESETS[name]
     arch, hub_model, _ = ARCHS[arch_key]
@@ -122,11 +131,7 @@ def paper_params(name: str, checkpoints: str | None = None) -> dict:
         "finetuned": finetuned,
         "datasets": {t: f"hf://{task.dataset}" for t, task in PAPER_TASKS.items()},
     }
-    family_params = merge_params(family)
-    params["merge"] = {key: {**{k: v for k, v in entry.items() if k not in SCHEDULES + STEP_SIZES},
-                                 **family_params.get(key, {})}
-                       for key, entry in params["merge"].items()
-                       if not str(entry.get("path", "")).startswith(str(workspace.MTL))}
+    params["merge"] = real_merges(params["merge"], family)
     if params["router"]["split"] == "train" or any(entry.get("split") == "train" for entry in params["merge"].values()):
         params["source"]["splits"] = ["test", "train"]  # what the router and the data-using merges learn from
     return params
@@ -178,9 +183,7 @@ def paper_bert_params() -> dict:
         "datasets": {t: f"hf://{task.dataset}" for t, task in TEXT_TASKS.items()},
     }
     params["finetune"] = {"steps": 3600, "batch_size": 32, "lr": 3.0e-5, "weight_decay": 0.01, "warmup": 360}
-    params["merge"] = {key: {k: v for k, v in entry.items() if k not in SCHEDULES + STEP_SIZES}
-                       for key, entry in params["merge"].items()
-                       if not str(entry.get("path", "")).startswith(str(workspace.MTL))}
+    params["merge"] = real_merges(params["merge"], "surgery_bert")
     return params
 
 
